@@ -1,0 +1,219 @@
+"""Where every tensor of a Moonlight checkpoint lives, in HF files and in Megatron's per-rank files.
+
+HF side: the original Moonlight/DeepSeek-V3 file layout (per-expert keys, ``e_score_correction_bias``).
+Megatron side: megatron-core's GPTModel built from ``muon_ds.models.spec`` with the local backend, in
+the legacy per-rank layout (``mp_rank_TT[_PPP][_EEE]``), expert tensor parallel size equal to TP.
+Both conversion directions and the shape checks use this one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from muon_ds.models.config import moe_layer_pattern
+
+__all__ = ["Parallelism", "Entry", "hf_shapes", "rank_entries", "shard", "unshard", "stage_layers"]
+
+# How a Megatron tensor is cut from its HF tensor(s) over the tensor-parallel ranks.
+REPLICATED, COLUMN, ROW, GLU = "replicated", "column", "row", "glu"
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """Tensor, pipeline and expert parallel sizes of a Megatron checkpoint."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def check(self, hf: dict[str, Any]) -> None:
+        """Raise ValueError naming the size that does not divide the model."""
+        for name, size in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep)):
+            if size < 1:
+                raise ValueError(f"{name} must be >= 1, got {size}")
+        need = {
+            "num_attention_heads": (hf["num_attention_heads"], self.tp),
+            "vocab_size": (hf["vocab_size"], self.tp),
+            "intermediate_size": (hf["intermediate_size"], self.tp),
+            "moe_intermediate_size": (hf["moe_intermediate_size"], self.tp),
+            "num_hidden_layers": (hf["num_hidden_layers"], self.pp),
+            "n_routed_experts": (hf["n_routed_experts"], self.ep),
+        }
+        for field, (value, size) in need.items():
+            if value % size:
+                raise ValueError(f"{field}={value} is not divisible by the parallel size {size}")
+
+    def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
+        """Megatron-LM's legacy checkpoint directory name for one rank."""
+        name = f"mp_rank_{tp_rank:02d}"
+        if self.pp > 1:
+            name += f"_{pp_rank:03d}"
+        if self.ep > 1:
+            name += f"_{ep_rank:03d}"
+        return name
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        """All (tp_rank, pp_rank, ep_rank) in file-writing order."""
+        return [(t, p, e) for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One Megatron tensor of one rank file and the HF tensor(s) it is cut from."""
+
+    megatron_key: str
+    hf_keys: tuple[str, ...]
+    split: str
+    expert: bool = False  # sharded over EP; other entries are copied to every EP rank
+
+    @property
+    def extra_state_key(self) -> str | None:
+        """Megatron's parallel linears also save an ``_extra_state`` entry (None for local modules)."""
+        if self.split == REPLICATED or not self.megatron_key.endswith(".weight"):
+            return None
+        if self.megatron_key == "embedding.word_embeddings.weight":
+            return None
+        return self.megatron_key[: -len("weight")] + "_extra_state"
+
+
+def stage_layers(num_layers: int, par: Parallelism, pp_rank: int) -> range:
+    """Global indices of the decoder layers on one pipeline stage (even split)."""
+    per = num_layers // par.pp
+    return range(pp_rank * per, (pp_rank + 1) * per)
+
+
+def _attention(hf: dict[str, Any], h: str) -> list[tuple[str, tuple[str, ...], str]]:
+    a = f"{h}.self_attn."
+    if hf.get("q_lora_rank") is None:
+        q = [("self_attention.linear_q_proj.weight", (a + "q_proj.weight",), COLUMN)]
+    else:
+        q = [
+            ("self_attention.linear_q_down_proj.weight", (a + "q_a_proj.weight",), COLUMN),
+            ("self_attention.q_layernorm.weight", (a + "q_a_layernorm.weight",), REPLICATED),
+            ("self_attention.linear_q_up_proj.weight", (a + "q_b_proj.weight",), COLUMN),
+        ]
+    return [
+        ("input_layernorm.weight", (f"{h}.input_layernorm.weight",), REPLICATED),
+        *q,
+        ("self_attention.linear_kv_down_proj.weight", (a + "kv_a_proj_with_mqa.weight",), REPLICATED),
+        ("self_attention.kv_layernorm.weight", (a + "kv_a_layernorm.weight",), REPLICATED),
+        ("self_attention.linear_kv_up_proj.weight", (a + "kv_b_proj.weight",), COLUMN),
+        ("self_attention.linear_proj.weight", (a + "o_proj.weight",), ROW),
+        ("pre_mlp_layernorm.weight", (f"{h}.post_attention_layernorm.weight",), REPLICATED),
+    ]
+
+
+def _swiglu(megatron: str, hf: str) -> list[tuple[str, tuple[str, ...], str]]:
+    return [
+        (f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"), GLU),
+        (f"{megatron}.linear_fc2.weight", (f"{hf}.down_proj.weight",), ROW),
+    ]
+
+
+def _layer_entries(hf: dict[str, Any], layer: int, local: int, moe: bool, par: Parallelism, ep_rank: int) -> list[Entry]:
+    h = f"model.layers.{layer}"
+    m = f"decoder.layers.{local}."
+    plain = _attention(hf, h)
+    experts: list[Entry] = []
+    if not moe:
+        plain += _swiglu("mlp", f"{h}.mlp")
+    else:
+        plain += [
+            ("mlp.router.weight", (f"{h}.mlp.gate.weight",), REPLICATED),
+            ("mlp.router.expert_bias", (f"{h}.mlp.gate.e_score_correction_bias",), REPLICATED),
+        ]
+        if hf.get("n_shared_experts"):
+            plain += _swiglu("mlp.shared_experts", f"{h}.mlp.shared_experts")
+        per_rank = hf["n_routed_experts"] // par.ep
+        for j in range(per_rank):
+            e = ep_rank * per_rank + j
+            for key, hf_keys, split in _swiglu(f"mlp.experts.local_experts.{j}", f"{h}.mlp.experts.{e}"):
+                experts.append(Entry(m + key, hf_keys, split, expert=True))
+    return [Entry(m + key, hf_keys, split) for key, hf_keys, split in plain] + experts
+
+
+def rank_entries(hf: dict[str, Any], par: Parallelism, pp_rank: int, ep_rank: int) -> list[Entry]:
+    """Every tensor of the rank files at (pp_rank, ep_rank); identical for all TP ranks."""
+    pattern = moe_layer_pattern(hf)
+    layers = stage_layers(hf["num_hidden_layers"], par, pp_rank)
+    entries: list[Entry] = []
+    if pp_rank == 0:
+        entries.append(Entry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COLUMN))
+    for local, layer in enumerate(layers):
+        entries += _layer_entries(hf, layer, local, bool(pattern[layer]), par, ep_rank)
+    if pp_rank == par.pp - 1:
+        entries.append(Entry("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED))
+        entries.append(Entry("output_layer.weight", ("lm_head.weight",), COLUMN))
+    return entries
+
+
+def hf_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF Moonlight checkpoint must hold, with its shape, in file order."""
+    H, V, nh = hf["hidden_size"], hf["vocab_size"], hf["num_attention_heads"]
+    nope, rope, v, kv = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"], hf["v_head_dim"], hf["kv_lora_rank"]
+    I, Im, E = hf["intermediate_size"], hf["moe_intermediate_size"], hf["n_routed_experts"]
+    Is = Im * (hf.get("n_shared_experts") or 0)
+    q_rank = hf.get("q_lora_rank")
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
+    for i, moe in enumerate(moe_layer_pattern(hf)):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        if q_rank is None:
+            shapes[p + "self_attn.q_proj.weight"] = (nh * (nope + rope), H)
+        else:
+            shapes[p + "self_attn.q_a_proj.weight"] = (q_rank, H)
+            shapes[p + "self_attn.q_a_layernorm.weight"] = (q_rank,)
+            shapes[p + "self_attn.q_b_proj.weight"] = (nh * (nope + rope), q_rank)
+        shapes[p + "self_attn.kv_a_proj_with_mqa.weight"] = (kv + rope, H)
+        shapes[p + "self_attn.kv_a_layernorm.weight"] = (kv,)
+        shapes[p + "self_attn.kv_b_proj.weight"] = (nh * (nope + v), kv)
+        shapes[p + "self_attn.o_proj.weight"] = (H, nh * v)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        mlps = [(p + "mlp.", I)] if not moe else [(p + f"mlp.experts.{e}.", Im) for e in range(E)]
+        if moe:
+            shapes[p + "mlp.gate.weight"] = (E, H)
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (E,)
+            if Is:
+                mlps.append((p + "mlp.shared_experts.", Is))
+        for prefix, inner in mlps:
+            shapes[prefix + "gate_proj.weight"] = (inner, H)
+            shapes[prefix + "up_proj.weight"] = (inner, H)
+            shapes[prefix + "down_proj.weight"] = (H, inner)
+    shapes["model.norm.weight"] = (H,)
+    shapes["lm_head.weight"] = (V, H)
+    return shapes
+
+
+def shard(tensors: list[torch.Tensor], split: str, tp: int, tp_rank: int) -> torch.Tensor:
+    """This TP rank's piece of the Megatron tensor made from the HF tensor(s); a copy, not a view."""
+    if split == REPLICATED:
+        return tensors[0].clone()
+    if split == COLUMN:
+        return tensors[0].chunk(tp, dim=0)[tp_rank].clone()
+    if split == ROW:
+        return tensors[0].chunk(tp, dim=1)[tp_rank].clone()
+    if split == GLU:  # each rank holds [its gate rows; its up rows]
+        gate, up = tensors
+        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
+    raise ValueError(f"unknown split {split!r}")
+
+
+def unshard(pieces: list[torch.Tensor], split: str) -> list[torch.Tensor]:
+    """Inverse of ``shard`` over all TP ranks' pieces (in rank order): the HF tensor(s)."""
+    if split == REPLICATED:
+        first = pieces[0]
+        for rank, piece in enumerate(pieces[1:], start=1):
+            if not torch.equal(first, piece):
+                raise ValueError(f"replicated tensor differs between TP rank 0 and TP rank {rank}")
+        return [first.clone()]
+    if split == COLUMN:
+        return [torch.cat(pieces, dim=0)]
+    if split == ROW:
+        return [torch.cat(pieces, dim=1)]
+    if split == GLU:
+        halves = [p.chunk(2, dim=0) for p in pieces]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    raise ValueError(f"unknown split {split!r}")

@@ -1,0 +1,91 @@
+"""Megatron-LM's legacy per-rank checkpoint files (``--ckpt-format torch``), as the converter writes them.
+
+::
+
+    DIR/latest_checkpointed_iteration.txt       "release"
+    DIR/release/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt   {"model": state dict, ...}
+    DIR/muon_ds_layout.json                    parallel sizes and the HF config
+    DIR/hf_assets/                             the HF directory's non-weight files, for the way back
+
+Megatron-LM loads it with ``--load DIR --ckpt-format torch --no-load-optim --no-load-rng``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muon_ds.convert.layout import Parallelism
+
+__all__ = [
+    "ASSETS_DIR",
+    "checkpoint_root",
+    "rank_file",
+    "write_layout",
+    "read_layout",
+    "load_rank_model",
+    "refuse_existing",
+    "peak_rss_gib",
+]
+
+ITERATION_FILE = "latest_checkpointed_iteration.txt"
+LAYOUT_FILE = "muon_ds_layout.json"
+ASSETS_DIR = "hf_assets"
+RANK_FILE = "model_optim_rng.pt"
+
+
+def checkpoint_root(directory: Path) -> Path:
+    """The iteration folder named by ``latest_checkpointed_iteration.txt``."""
+    marker = directory / ITERATION_FILE
+    if not marker.is_file():
+        raise FileNotFoundError(f"{marker} not found: not a Megatron (torch format) checkpoint directory")
+    tag = marker.read_text().strip()
+    return directory / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+
+
+def rank_file(directory: Path, par: Parallelism, tp_rank: int, pp_rank: int, ep_rank: int) -> Path:
+    """Path of one rank's model file."""
+    return checkpoint_root(directory) / par.rank_dir(tp_rank, pp_rank, ep_rank) / RANK_FILE
+
+
+def write_layout(directory: Path, par: Parallelism, hf_config: dict[str, Any]) -> None:
+    """Record how the checkpoint is split and which HF config it came from; mark it as a release."""
+    layout = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "hf_config": hf_config}
+    (directory / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
+    (directory / ITERATION_FILE).write_text("release\n")
+
+
+def read_layout(directory: Path) -> tuple[Parallelism, dict[str, Any]]:
+    """Parallel sizes and HF config recorded by ``write_layout``."""
+    path = directory / LAYOUT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: was {directory} written by `muon-ds convert hf-to-megatron`?")
+    layout = json.loads(path.read_text())
+    return Parallelism(layout["tp"], layout["pp"], layout["ep"]), layout["hf_config"]
+
+
+def load_rank_model(path: Path) -> dict[str, Any]:
+    """The model state dict of one rank file, memory-mapped (tensors are read when touched)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Megatron rank file missing: {path}")
+    # Megatron's own checkpoints pickle an argparse.Namespace, so weights_only cannot be used;
+    # only load checkpoints you trust.
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    if "model" not in state:
+        raise KeyError(f"{path} has no 'model' entry (virtual pipeline checkpoints are not supported)")
+    return state["model"]
+
+
+def refuse_existing(path: Path) -> None:
+    """Conversions never overwrite: fail before doing any work."""
+    if path.exists():
+        raise FileExistsError(f"output {path} already exists; refusing to overwrite it")
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -1,0 +1,50 @@
+"""Tell Muon where DeepSpeed's optimizer wrapper put the matrices (the only engine-specific part)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils import groups
+
+from muon_ds.optim import Muon
+from muon_ds.partition import partitioned_layout, replicated_layout
+
+
+def _replicas(group: dict[str, Any]) -> dist.ProcessGroup:
+    """The data-parallel group over which a (possibly expert) param group is replicated."""
+    if group.get("moe"):
+        return groups._get_expert_data_parallel_group(group["name"])
+    return groups._get_data_parallel_group()
+
+
+def attach_layouts(wrapper: Any, muon: Muon) -> None:
+    """Give each Muon group the layout of the tensors the wrapper hands to ``muon.step``."""
+    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+        # fp32 ZeRO does not check gradients by default; a non-finite step must be skipped whole.
+        wrapper.check_grad_overflow = True
+        for i, group in enumerate(muon.param_groups):
+            if group["use_muon"]:
+                pg = wrapper.real_dp_process_group[i]
+                spans = [(view, offset + view.offset)
+                         for param, offset in zip(wrapper.round_robin_bit16_groups[i],
+                                                  wrapper.round_robin_bit16_offsets[i])
+                         for view in muon.views[param]]
+                muon.set_layout(group, partitioned_layout(spans, int(wrapper.partition_size[i]), dist.get_rank(pg),
+                                                          dist.get_world_size(pg), group["ns_steps"], pg))
+        return
+    if wrapper is muon:
+        model_params = [group["params"] for group in muon.param_groups]
+    elif isinstance(wrapper, FP16_UnfusedOptimizer):
+        model_params = wrapper.fp16_groups
+    else:
+        raise NotImplementedError(f"muon_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper yet "
+                                  "(bf16 with fp32 gradient accumulation, or pipeline parallelism); "
+                                  "use ZeRO stage 1 or 2 with the default data_types")
+    for group, params in zip(muon.param_groups, model_params):
+        if group["use_muon"]:
+            pg = _replicas(group)
+            muon.set_layout(group, replicated_layout([muon.views[p] for p in params], dist.get_rank(pg),
+                                                     dist.get_world_size(pg), group["ns_steps"], pg))

@@ -1,0 +1,89 @@
+"""Make ``"optimizer": {"type": "Muon"}`` build muon_ds's Muon, replacing DeepSpeed's built-in one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.zero import utils as zero_utils
+from deepspeed.utils.logging import print_dist
+from packaging.version import Version
+
+import muon_ds
+from muon_ds.optim import Muon
+
+TESTED_DEEPSPEED = (Version("0.19.0"), Version("0.20.0"))  # [low, high)
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+def check_engine(engine: DeepSpeedEngine) -> None:
+    """Refuse what Muon cannot do correctly here, naming the setting."""
+    version = Version(deepspeed.__version__.split("+")[0])
+    low, high = TESTED_DEEPSPEED
+    if not low <= version < high:
+        raise RuntimeError(f"muon_ds {muon_ds.__version__} is tested with deepspeed >={low},<{high}; "
+                           f"found deepspeed {deepspeed.__version__}")
+    stage = engine.zero_optimization_stage()
+    if stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"zero_optimization.stage={stage} is not supported by the Muon optimizer; "
+                         f"use one of {list(SUPPORTED_ZERO_STAGES)}")
+    if engine.zero_cpu_offload() or engine.zero_offload_param() is not None:
+        raise ValueError("zero_optimization.offload_optimizer / offload_param are not supported by the Muon "
+                         "optimizer; remove them")
+
+
+def _named(engine: DeepSpeedEngine, params: Any) -> list[dict[str, Any]]:
+    """The engine's param groups with each tensor paired with its module name (for the default rules)."""
+    groups = list(params)
+    if not groups or not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [dict(group, params=[(engine.param_names[p], p) for p in group["params"]]) for group in groups]
+
+
+def build_muon(engine: DeepSpeedEngine, model_parameters: Any) -> Muon:
+    check_engine(engine)
+    groups = _named(engine, model_parameters)
+    optimizer = Muon(groups, **(engine.optimizer_params() or {}))
+    for group in groups:
+        for _name, param in group["params"]:
+            # DeepSpeed's ZeRO runs its own Muon on tensors tagged use_muon: the tag is now ours.
+            if hasattr(param, "use_muon"):
+                del param.use_muon
+    return optimizer
+
+
+def describe(engine: DeepSpeedEngine, optimizer: Muon) -> str:
+    muon, adamw = optimizer.counts()
+    opts = optimizer.options
+    return (f"muon_ds {muon_ds.__version__}: Moonlight Muon (scale={opts.scale}, ns_dtype={opts.ns_dtype}, "
+            f"ns_steps={opts.ns_steps}) under ZeRO stage {engine.zero_optimization_stage()} "
+            f"[{type(engine.optimizer).__name__}]: {muon} matrices -> Muon, {adamw} tensors -> AdamW")
+
+
+def register() -> None:
+    """Patch DeepSpeed once: build our Muon for the name 'muon', then lay it out for the wrapper."""
+    if getattr(DeepSpeedEngine, "_muon_ds_registered", False):
+        return
+    build_basic = DeepSpeedEngine._configure_basic_optimizer
+    configure = DeepSpeedEngine._configure_optimizer
+
+    def _configure_basic_optimizer(self: DeepSpeedEngine, model_parameters: Any) -> torch.optim.Optimizer:
+        if self.optimizer_name() == "muon":
+            return build_muon(self, model_parameters)
+        return build_basic(self, model_parameters)
+
+    def _configure_optimizer(self: DeepSpeedEngine, client_optimizer: Any, model_parameters: Any) -> None:
+        configure(self, client_optimizer, model_parameters)
+        if isinstance(self.basic_optimizer, Muon):
+            from muon_ds.deepspeed.layouts import attach_layouts
+
+            attach_layouts(self.optimizer, self.basic_optimizer)
+            print_dist(describe(self, self.basic_optimizer), ranks=[0])
+
+    DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
+    if Muon not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+        zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(Muon)
+    DeepSpeedEngine._muon_ds_registered = True

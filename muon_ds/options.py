@@ -1,0 +1,61 @@
+"""The validated options of Moonlight's Muon, shared by the DeepSpeed and Megatron adapters."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class MuonOptions(BaseModel):
+    """Muon's hyper-parameters, AdamW's lr and weight decay carrying over (Moonlight defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    ns_steps: int = Field(5, ge=1)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    scale: Literal["moonlight", "spectral", "none"] = "moonlight"
+    ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    muon_lr: Optional[float] = Field(None, ge=0)
+    adam_lr: Optional[float] = Field(None, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+    @property
+    def torch_ns_dtype(self) -> torch.dtype:
+        return NS_DTYPES[self.ns_dtype]
+
+    def lr_ratio(self, use_muon: bool) -> float:
+        """How the side's lr relates to ``lr``: schedulers set ``lr``, the override scales with it."""
+        override = self.muon_lr if use_muon else self.adam_lr
+        if override is None:
+            return 1.0
+        if self.lr == 0:
+            raise ValueError("muon_lr / adam_lr need a non-zero lr: they are applied as a ratio to lr, "
+                             "so that an lr scheduler drives both sides")
+        return override / self.lr
+
+    @classmethod
+    def parse(cls, params: dict[str, Any], where: str = "Muon optimizer params") -> "MuonOptions":
+        """Validate user options, naming the offending key and listing the valid ones."""
+        unknown = sorted(set(params) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(cls.model_fields)}")
+        try:
+            return cls(**params)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"{where}: {problems}") from None

@@ -1,0 +1,155 @@
+"""Test support: one rank of the DeepSpeed scenarios; ``python -m tests.ds_worker OUT SCENARIO...``.
+
+Every scenario runs in the same process group; rank 0 saves what the tests compare in OUT/w{W}.pt.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+import muon_ds  # noqa: F401  (activates "type": "Muon")
+from muon_ds.deepspeed import layouts
+from muon_ds.partition import GroupLayout, partitioned_layout
+from muon_ds.plan import Holding, Matrix, Piece, make_plan
+from tests.ds_scenarios import STEPS, ds_config, make_model, micro_batch
+
+SCENARIOS: dict[str, Callable[[Path], Any]] = {}
+
+
+def scenario(name: str, fn: Callable[[Path], Any]) -> None:
+    SCENARIOS[name] = fn
+
+
+def engine_for(config: dict[str, Any], model: torch.nn.Module | None = None) -> deepspeed.DeepSpeedEngine:
+    model = make_model() if model is None else model
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def train(engine: deepspeed.DeepSpeedEngine, steps: range, poison_step: int | None = None) -> None:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    accumulation = engine.gradient_accumulation_steps()
+    for step in steps:
+        for micro in range(accumulation):
+            loss = engine(micro_batch(step, micro, rank, world, accumulation))
+            if step == poison_step and rank == world - 1:
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()
+
+
+def weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+
+
+def trained(config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    engine = engine_for(config)
+    train(engine, range(STEPS))
+    return weights(engine)
+
+
+def fragments_separately(spans: Any, partition_size: int, rank: int, world_size: int, ns_steps: int,
+                         process_group: Any = None) -> GroupLayout:
+    """The positive control: each rank orthogonalizes its own fragments as if they were whole matrices."""
+    real = partitioned_layout(spans, partition_size, rank, world_size, ns_steps, process_group)
+    local, matrices, holdings = [], [], []
+    for piece, offset in real.local[0]:
+        cols = real.plan.matrices[piece.key].shape[1]
+        shape = (piece.numel // cols, cols) if piece.numel % cols == 0 else (1, piece.numel)
+        fragment = Piece(f"{piece.key}@{piece.start}", piece.block.whole(shape), 0, piece.numel)
+        local.append((fragment, offset))
+        matrices.append(Matrix(fragment.key, shape))
+        holdings.append(Holding(0, fragment))
+    return GroupLayout([local], make_plan(matrices, holdings, 1, ns_steps))
+
+
+def control(out: Path) -> dict[str, torch.Tensor]:
+    real = layouts.partitioned_layout
+    layouts.partitioned_layout = fragments_separately
+    try:
+        return trained(ds_config(1, dist.get_world_size()))
+    finally:
+        layouts.partitioned_layout = real
+
+
+def momentum(engine: deepspeed.DeepSpeedEngine) -> list[torch.Tensor]:
+    opt = engine.basic_optimizer
+    return [opt.state[p]["momentum_buffer"].clone() for g in opt.param_groups if g["use_muon"]
+            for p in g["params"] if "momentum_buffer" in opt.state[p]]
+
+
+def all_ranks(flag: bool) -> bool:
+    value = torch.tensor(float(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value)
+
+
+def skip_check(config: dict[str, Any], poison_step: int) -> dict[str, Any]:
+    """Step 0 normally, then a step with a non-finite gradient on one rank: it must be skipped whole."""
+    engine = engine_for(config)
+    train(engine, range(1))
+    before_w, before_m = weights(engine), momentum(engine)
+    train(engine, range(1, 2), poison_step=poison_step)
+    after_w, after_m = weights(engine), momentum(engine)
+    same_w = all(torch.equal(before_w[k], after_w[k]) for k in before_w)
+    same_m = len(before_m) == len(after_m) and all(torch.equal(a, b) for a, b in zip(before_m, after_m))
+    train(engine, range(2, 4))
+    return {"weights_same": all_ranks(same_w), "momentum_same": all_ranks(same_m),
+            "skipped": engine.skipped_steps, "moved": not all(torch.equal(after_w[k], weights(engine)[k])
+                                                              for k in after_w)}
+
+
+def resume(config: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
+    engine = engine_for(config)
+    train(engine, range(2))
+    engine.save_checkpoint(str(out / name), tag="step2")
+    train(engine, range(2, 4))
+    continued = weights(engine)
+    fresh = engine_for(copy.deepcopy(config), make_model(seed=1))
+    fresh.load_checkpoint(str(out / name), tag="step2")
+    train(fresh, range(2, 4))
+    return {"continued": continued, "resumed": weights(fresh)}
+
+
+def main() -> None:
+    out, names = Path(sys.argv[1]), sys.argv[2:]
+    deepspeed.init_distributed(dist_backend="gloo")
+    results = {name: SCENARIOS[name](out) for name in names}
+    if dist.get_rank() == 0:
+        torch.save(results, out / f"w{dist.get_world_size()}.pt")
+    dist.barrier()
+
+
+def _register_defaults() -> None:
+    for stage in (0, 1, 2):
+        for accumulation in (1, 2):
+            scenario(f"s{stage}_ga{accumulation}",
+                     lambda out, s=stage, a=accumulation: trained(ds_config(s, dist.get_world_size(), a)))
+    scenario("s2_no_reduce_scatter", lambda out: trained(
+        ds_config(2, dist.get_world_size(), zero_optimization={"stage": 2, "reduce_scatter": False})))
+    scenario("s1_no_reduce_scatter", lambda out: trained(
+        ds_config(1, dist.get_world_size(), zero_optimization={"stage": 1, "reduce_scatter": False})))
+    for stage in (0, 1, 2):
+        scenario(f"s{stage}_clip", lambda out, s=stage: trained(
+            ds_config(s, dist.get_world_size(), gradient_clipping=0.05)))
+    scenario("control", control)
+    scenario("nan_skip_s1", lambda out: skip_check(ds_config(1, dist.get_world_size()), poison_step=1))
+    scenario("nan_skip_s0", lambda out: skip_check(ds_config(0, dist.get_world_size()), poison_step=1))
+    scenario("nan_skip_s2_bf16", lambda out: skip_check(
+        ds_config(2, dist.get_world_size(), bf16={"enabled": True}), poison_step=1))
+    scenario("resume_s1_fp32", lambda out: resume(ds_config(1, dist.get_world_size()), out, "resume_s1_fp32"))
+    scenario("resume_s2_bf16", lambda out: resume(
+        ds_config(2, dist.get_world_size(), bf16={"enabled": True}), out, "resume_s2_bf16"))
+
+
+_register_defaults()
+
+if __name__ == "__main__":
+    main()
