@@ -50,11 +50,11 @@ class Muon(torch.optim.Optimizer):
             for use_muon in (True, False):
                 if halves[use_muon]:
                     groups.append({**extra, "params": halves[use_muon], "use_muon": use_muon,
-                                   "lr_ratio": self.options.lr_ratio(use_muon)})
+                                   "lr_ratio": self.options.lr_ratio(use_muon), "group_id": len(groups)})
         defaults = self.options.model_dump(exclude={"muon_lr", "adam_lr"})
         defaults.update(lr_ratio=1.0, use_muon=False)
         super().__init__(groups, defaults)
-        self.layouts: dict[torch.Tensor, GroupLayout] = {}
+        self.layouts: dict[int, GroupLayout] = {}  # by group id: engines replace the group dicts
         self.sync_group: Optional[dist.ProcessGroup] = None
         self.distributed = False
 
@@ -62,8 +62,15 @@ class Muon(torch.optim.Optimizer):
         """Engine adapters: the group's tensors hold these pieces; the plan says who holds the rest."""
         if len(layout.local) != len(group["params"]):
             raise ValueError("a Muon group layout needs one entry per tensor of the group")
-        self.layouts[group["params"][0]] = layout
+        self.layouts[self._group_index(group)] = layout
         self.distributed = True
+
+    @staticmethod
+    def _group_index(group: dict[str, Any]) -> int:
+        """The id given to a group at construction: it stays when engines narrow ``param_groups`` (ZeRO
+        steps one group at a time), replace the group dicts or tensors (load_state_dict, shards), or
+        leave a rank none of the group's tensors."""
+        return group["group_id"]
 
     def counts(self) -> tuple[int, int]:
         """(matrices trained by Muon, tensors trained by AdamW), over the model's parameters."""
@@ -71,7 +78,7 @@ class Muon(torch.optim.Optimizer):
         return muon, len(self.param_names) - len(self.views)
 
     def _layout(self, group: dict[str, Any]) -> GroupLayout:
-        key = group["params"][0]
+        key = self._group_index(group)
         if key not in self.layouts:
             self.layouts[key] = replicated_layout([self.views[p] for p in group["params"]], 0, 1, group["ns_steps"])
         return self.layouts[key]
@@ -119,7 +126,7 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any]) -> None:
         layout = self._layout(group)
         dtype = NS_DTYPES[group["ns_dtype"]]
-        device = group["params"][0].device
+        device = group["params"][0].device if group["params"] else layout.device
         to_orthogonalize: dict[Piece, torch.Tensor] = {}
         updated = []
         for p, pieces in zip(group["params"], layout.local):
@@ -152,7 +159,7 @@ class Muon(torch.optim.Optimizer):
             decay_weights(p, lr, group["weight_decay"])
             flat = p.view(-1)
             for piece, offset in pieces:
-                scale = update_scale(plan.matrices[piece.key].shape, group["scale"])
+                scale = update_scale(plan.matrices[piece.key].shape, group["scale"]) * group.get("scale_multiplier", 1.0)
                 flat[offset:offset + piece.numel].add_(local[piece].to(p.dtype), alpha=-lr * scale)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 from muon_ds.matrices import MatrixView, Views
@@ -23,6 +24,7 @@ class GroupLayout:
     plan: ExchangePlan
     rank: int = 0
     process_group: Optional[dist.ProcessGroup] = None
+    device: Optional[torch.device] = None  # for the exchange when this rank holds none of the group's tensors
 
 
 def replicated_layout(tensor_views: Sequence[Views], rank: int, world_size: int, ns_steps: int,

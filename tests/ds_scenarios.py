@@ -11,6 +11,7 @@ from torch import nn
 
 VOCAB, WIDTH, SEQ, GLOBAL_BATCH, STEPS = 37, 24, 8, 24, 3
 OPTIONS = {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": "float32"}
+TAGGED_ADAMW = ("mix.weight",)  # a hidden matrix a user sends to AdamW with use_muon=False
 
 
 class TinyLM(nn.Module):
@@ -61,11 +62,14 @@ def ds_config(stage: int, world_size: int, accumulation: int = 1, **extra: Any) 
     return config
 
 
-def reference_weights(steps: int = STEPS, clip: Optional[float] = None) -> dict[str, torch.Tensor]:
+def reference_weights(steps: int = STEPS, clip: Optional[float] = None,
+                      adamw: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """One process, the whole global batch per step, muon_ds's Muon (and torch's clipping)."""
     from muon_ds.optim import Muon
 
     model = make_model()
+    for name in adamw:
+        model.get_parameter(name).use_muon = False
     optimizer = Muon(model.named_parameters(), **OPTIONS)
     for step in range(steps):
         optimizer.zero_grad()

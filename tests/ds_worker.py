@@ -18,7 +18,8 @@ import muon_ds  # noqa: F401  (activates "type": "Muon")
 from muon_ds.deepspeed import layouts
 from muon_ds.partition import GroupLayout, partitioned_layout
 from muon_ds.plan import Holding, Matrix, Piece, make_plan
-from tests.ds_scenarios import STEPS, ds_config, make_model, micro_batch
+from muon_ds.newton_schulz import ns_flops
+from tests.ds_scenarios import STEPS, TAGGED_ADAMW, VOCAB, WIDTH, ds_config, make_model, micro_batch
 
 SCENARIOS: dict[str, Callable[[Path], Any]] = {}
 
@@ -118,6 +119,107 @@ def resume(config: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
     return {"continued": continued, "resumed": weights(fresh)}
 
 
+def load_elsewhere(config: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
+    """Load a checkpoint saved at another world size (by the scenario ``name``) and train on."""
+    engine = engine_for(config, make_model(seed=1))
+    try:
+        engine.load_checkpoint(str(out / name), tag="step2")
+    except Exception as err:  # the test checks that the message says what is wrong
+        return {"error": f"{type(err).__name__}: {err}"}
+    train(engine, range(2, 4))
+    return {"weights": weights(engine)}
+
+
+class TinyMoE(torch.nn.Module):
+    """A DeepSpeed MoE layer (top-1, no token dropping) between an embedding and a head."""
+
+    def __init__(self, ep_size: int) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        expert = torch.nn.Sequential(torch.nn.Linear(WIDTH, 32), torch.nn.Tanh(), torch.nn.Linear(32, WIDTH))
+        self.moe = MoE(WIDTH, expert, num_experts=4, ep_size=ep_size, k=1, drop_tokens=False, use_rts=False)
+        self.lm_head = torch.nn.Linear(WIDTH, VOCAB, bias=False)
+        torch.manual_seed(1)
+        for p in self.moe.parameters():  # distinct experts, identical on every rank
+            torch.nn.init.normal_(p, std=0.2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens[:, :-1])
+        out, _aux, _counts = self.moe(h)
+        logits = self.lm_head(h + out)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def moe(stage: int) -> dict[str, Any]:
+    model = TinyMoE(ep_size=1)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    engine = engine_for(ds_config(stage, dist.get_world_size()), model)
+    train(engine, range(STEPS))
+    muon = engine.basic_optimizer
+    experts = sorted(v.key for views in muon.views.values() for v in views if "experts" in v.key)
+    return {"start": start, "weights": weights(engine), "expert_matrices": experts, "counts": muon.counts()}
+
+
+def tagged() -> dict[str, torch.Tensor]:
+    """A parameter tagged use_muon=False, as for DeepSpeed's built-in Muon: the tag is honoured."""
+    model = make_model()
+    for name in TAGGED_ADAMW:
+        model.get_parameter(name).use_muon = False
+    engine = engine_for(ds_config(2, dist.get_world_size()), model)
+    train(engine, range(STEPS))
+    return weights(engine)
+
+
+def layout_stats() -> dict[str, Any]:
+    """How ZeRO-1 cut the Muon group and what the exchange plan moves and computes."""
+    engine = engine_for(ds_config(1, dist.get_world_size()))
+    muon = engine.basic_optimizer
+    (layout,) = muon.layouts.values()
+    plan = layout.plan
+    cut = {t.piece.key for t in plan.gathers}
+    return {"cut_numel": sum(plan.matrices[k].shape[0] * plan.matrices[k].shape[1] for k in cut),
+            "cut_matrices": len(cut), "moved_numel": plan.bytes_moved(1), "flops": plan.flops,
+            "matrix_flops": [ns_flops(m.shape) for m in plan.matrices.values()]}
+
+
+def errors() -> dict[str, str]:
+    """The message each unsupported or invalid setting produces (the engine must refuse to build)."""
+    world = dist.get_world_size()
+    cases = {
+        "stage3": ds_config(3, world),
+        "offload": ds_config(1, world, zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}),
+        "elastic": ds_config(1, world, zero_optimization={"stage": 1, "elastic_checkpoint": True}),
+        "unknown_key": ds_config(1, world, optimizer={"type": "Muon", "params": {"lr": 0.1, "momentumm": 0.9}}),
+        "bad_value": ds_config(1, world, optimizer={"type": "Muon", "params": {"lr": 0.1, "momentum": 1.5}}),
+        "bf16_fp32_accumulation": ds_config(1, world, bf16={"enabled": True},
+                                            data_types={"grad_accum_dtype": "fp32"}),
+    }
+    found = {}
+    for name, config in cases.items():
+        found[name] = _error_of(lambda: engine_for(config))
+    model = make_model()
+    model.up.bias.use_muon = True
+    found["vector_tagged"] = _error_of(lambda: engine_for(ds_config(1, world), model))
+    real = deepspeed.__version__
+    deepspeed.__version__ = "0.16.4"
+    try:
+        found["old_deepspeed"] = _error_of(lambda: engine_for(ds_config(1, world)))
+    finally:
+        deepspeed.__version__ = real
+    return found
+
+
+def _error_of(build: Callable[[], Any]) -> str:
+    try:
+        build()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 def main() -> None:
     out, names = Path(sys.argv[1]), sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
@@ -144,6 +246,14 @@ def _register_defaults() -> None:
     scenario("nan_skip_s0", lambda out: skip_check(ds_config(0, dist.get_world_size()), poison_step=1))
     scenario("nan_skip_s2_bf16", lambda out: skip_check(
         ds_config(2, dist.get_world_size(), bf16={"enabled": True}), poison_step=1))
+    scenario("elsewhere_s1_fp32", lambda out: load_elsewhere(ds_config(1, dist.get_world_size()), out,
+                                                             "resume_s1_fp32"))
+    scenario("moe_s0", lambda out: moe(0))
+    scenario("moe_s1", lambda out: moe(1))
+    scenario("moe_s2", lambda out: moe(2))
+    scenario("tagged_s2", lambda out: tagged())
+    scenario("layout_s1", lambda out: layout_stats())
+    scenario("errors", lambda out: errors())
     scenario("resume_s1_fp32", lambda out: resume(ds_config(1, dist.get_world_size()), out, "resume_s1_fp32"))
     scenario("resume_s2_bf16", lambda out: resume(
         ds_config(2, dist.get_world_size(), bf16={"enabled": True}), out, "resume_s2_bf16"))

@@ -29,6 +29,10 @@ def check_engine(engine: DeepSpeedEngine) -> None:
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"zero_optimization.stage={stage} is not supported by the Muon optimizer; "
                          f"use one of {list(SUPPORTED_ZERO_STAGES)}")
+    if engine.zero_elastic_checkpoint():
+        raise ValueError("zero_optimization.elastic_checkpoint=true is not supported by the Muon optimizer: "
+                         "DeepSpeed's elastic loader assumes every param group has Adam's state keys. Resume "
+                         "at the same data-parallel world size")
     if engine.zero_cpu_offload() or engine.zero_offload_param() is not None:
         raise ValueError("zero_optimization.offload_optimizer / offload_param are not supported by the Muon "
                          "optimizer; remove them")
@@ -82,6 +86,14 @@ def register() -> None:
             attach_layouts(self.optimizer, self.basic_optimizer)
             print_dist(describe(self, self.basic_optimizer), ranks=[0])
 
+    def set_optimizer_flags(config: Any, model: torch.nn.Module) -> None:
+        # DeepSpeed's version overwrites every parameter's use_muon tag with its own rule; ours reads
+        # the user's tags (and its own rules) instead.
+        if config.optimizer_name != "muon":
+            tag_parameters(config, model)
+
+    tag_parameters = deepspeed.set_optimizer_flags
+    deepspeed.set_optimizer_flags = set_optimizer_flags
     DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
     DeepSpeedEngine._configure_optimizer = _configure_optimizer
     if Muon not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
