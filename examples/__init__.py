@@ -1,0 +1,1 @@
+"""Examples for muon-ds: the demo (``python -m examples.demo``), DeepSpeed, Hugging Face and Slurm launches."""

@@ -1,0 +1,152 @@
+"""Train a small GPT with DeepSpeed from a JSON config: the script a user already has, unchanged.
+
+Only the config decides the optimizer: with ``"optimizer": {"type": "Muon"}`` and muon_ds installed
+(its import hook activates on ``import deepspeed``; ``import muon_ds`` does the same explicitly)
+this trains with Moonlight's Muon. Launch with deepspeed, torchrun or srun (see README.md beside it).
+Checkpoints go to --checkpoint-dir; a run started again resumes from the latest one, and SIGUSR1 or
+SIGTERM (Slurm's preemption warning) makes every rank save and exit so the job can be requeued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import sysconfig
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import muon_ds  # noqa: F401  (explicit activation; harmless when the import hook already did it)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv_q, self.qkv_k, self.qkv_v = (nn.Linear(width, width, bias=False) for _ in range(3))
+        self.attn_out = nn.Linear(width, width, bias=False)
+        self.mlp_up, self.mlp_down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (proj(h).view(batch, seq, self.heads, -1).transpose(1, 2)
+                   for proj in (self.qkv_q, self.qkv_k, self.qkv_v))
+        attn = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_out(attn.transpose(1, 2).reshape(batch, seq, width))
+        return x + self.mlp_down(nn.functional.gelu(self.mlp_up(self.mlp_norm(x))))
+
+
+class TinyGPT(nn.Module):
+    """Byte-level GPT; embeddings and head are named so muon_ds's rules send them to AdamW."""
+
+    def __init__(self, width: int, layers: int, heads: int, seq_len: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(256, width)
+        self.embed_positions = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, 256, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        x = self.embed_tokens(inputs) + self.embed_positions(torch.arange(inputs.shape[1], device=inputs.device))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm(x)).float()
+        return nn.functional.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1))
+
+
+def load_text(root: Path, limit_bytes: int) -> torch.Tensor:
+    """Bytes of the .py files under ``root`` (default: Python's own standard library)."""
+    if not root.is_dir():
+        raise SystemExit(f"--data {root}: not a directory")
+    data = bytearray()
+    for path in sorted(root.rglob("*.py")):
+        data += path.read_bytes()
+        if len(data) >= limit_bytes:
+            break
+    if len(data) < 1 << 16:
+        raise SystemExit(f"--data {root}: found only {len(data)} bytes of .py files")
+    return torch.frombuffer(bytes(data[:limit_bytes]), dtype=torch.uint8).long()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--deepspeed-config", required=True, type=Path, help="DeepSpeed JSON (configs/deepspeed/)")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--data", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--save-interval", type=int, default=50)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))  # deepspeed launcher
+    args = parser.parse_args()
+    if not args.deepspeed_config.is_file():
+        parser.error(f"--deepspeed-config {args.deepspeed_config}: no such file")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    config = json.loads(args.deepspeed_config.read_text())
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)
+    model = TinyGPT(args.width, args.layers, args.heads, args.seq_len)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    text = load_text(args.data, 8 << 20)
+    micro = engine.train_micro_batch_size_per_gpu()
+
+    step = 0
+    if args.checkpoint_dir is not None and (args.checkpoint_dir / "latest").exists():
+        _, client = engine.load_checkpoint(str(args.checkpoint_dir))
+        step = client["step"]
+        if rank == 0:
+            print(f"resumed from {args.checkpoint_dir} at step {step}", flush=True)
+
+    stop = torch.zeros(1)
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.fill_(1))
+
+    def save() -> None:
+        if args.checkpoint_dir is not None:
+            engine.save_checkpoint(str(args.checkpoint_dir), tag=f"step{step}", client_state={"step": step})
+
+    while step < args.steps:
+        for micro_step in range(engine.gradient_accumulation_steps()):
+            generator = torch.Generator().manual_seed(args.seed + (step * 1000 + micro_step) * world + rank)
+            starts = torch.randint(0, len(text) - args.seq_len - 1, (micro,), generator=generator)
+            tokens = torch.stack([text[s:s + args.seq_len + 1] for s in starts]).to(engine.device)
+            loss = engine(tokens)
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        if rank == 0 and (step % args.log_interval == 0 or step == 1):
+            print(f"step {step} loss {loss.item():.4f} lr {engine.get_lr()[0]:.3e}", flush=True)
+        if step % args.save_interval == 0:
+            save()
+        flag = stop.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank saves together
+        if flag.item():
+            save()
+            if rank == 0:
+                print(f"signal received: saved step {step} for requeue", flush=True)
+            sys.exit(0)
+    save()
+
+
+if __name__ == "__main__":
+    main()
