@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
 
     if args.optimizer == "muon_ds":
         import muon_ds  # noqa: F401
-    from examples.deepspeed.train import TinyGPT
+    from examples.deepspeed.tiny_gpt import TinyGPT
 
     deepspeed.init_distributed(dist_backend="gloo")
     comm = {"bytes": 0}
@@ -94,6 +94,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.optimizer == "deepspeed_muon":
         config["optimizer"]["params"]["momentum"] = 0.95
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    built = type(engine.basic_optimizer).__name__
+    expected = {"adamw": ("FusedAdam", "AdamW"), "muon_ds": ("Muon",), "deepspeed_muon": ("MuonWithAuxAdam",)}
+    if built not in expected[args.optimizer]:
+        raise RuntimeError(f"--optimizer {args.optimizer} built DeepSpeed's {built}")
     if args.optimizer != "adamw":
         time_newton_schulz(counters, args.optimizer)
     count_collectives(comm)

@@ -194,8 +194,6 @@ def errors() -> dict[str, str]:
         "elastic": ds_config(1, world, zero_optimization={"stage": 1, "elastic_checkpoint": True}),
         "unknown_key": ds_config(1, world, optimizer={"type": "Muon", "params": {"lr": 0.1, "momentumm": 0.9}}),
         "bad_value": ds_config(1, world, optimizer={"type": "Muon", "params": {"lr": 0.1, "momentum": 1.5}}),
-        "bf16_fp32_accumulation": ds_config(1, world, bf16={"enabled": True},
-                                            data_types={"grad_accum_dtype": "fp32"}),
     }
     found = {}
     for name, config in cases.items():
@@ -242,6 +240,9 @@ def _register_defaults() -> None:
         scenario(f"s{stage}_clip", lambda out, s=stage: trained(
             ds_config(s, dist.get_world_size(), gradient_clipping=0.05)))
     scenario("control", control)
+    scenario("s1_bf16_fp32_accumulation", lambda out: trained(
+        ds_config(1, dist.get_world_size(), bf16={"enabled": True}, data_types={"grad_accum_dtype": "fp32"})))
+    scenario("s1_bf16", lambda out: trained(ds_config(1, dist.get_world_size(), bf16={"enabled": True})))
     scenario("nan_skip_s1", lambda out: skip_check(ds_config(1, dist.get_world_size()), poison_step=1))
     scenario("nan_skip_s0", lambda out: skip_check(ds_config(0, dist.get_world_size()), poison_step=1))
     scenario("nan_skip_s2_bf16", lambda out: skip_check(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import itertools
+from typing import Any, Iterator
 
+import torch
 import torch.distributed as dist
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import groups
@@ -20,29 +23,37 @@ def _replicas(group: dict[str, Any]) -> dist.ProcessGroup:
     return groups._get_data_parallel_group()
 
 
+def _flat_groups(wrapper: Any) -> Iterator[tuple[list[torch.Tensor], list[int], int, dist.ProcessGroup]]:
+    """Per param group of a partitioning wrapper: its params, their flat offsets, the partition size, the group."""
+    for i, pg in enumerate(wrapper.real_dp_process_group):
+        if isinstance(wrapper, DeepSpeedZeroOptimizer):
+            params, offsets = wrapper.round_robin_bit16_groups[i], wrapper.round_robin_bit16_offsets[i]
+            size = int(wrapper.partition_size[i])
+        else:  # BF16_Optimizer: params packed back to back
+            params = wrapper.bf16_groups[i]
+            offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
+            size = wrapper.bf16_groups_flat[i].numel() // dist.get_world_size(pg)
+        yield params, offsets, size, pg
+
+
 def attach_layouts(wrapper: Any, muon: Muon) -> None:
     """Give each Muon group the layout of the tensors the wrapper hands to ``muon.step``."""
-    if isinstance(wrapper, DeepSpeedZeroOptimizer):
+    if isinstance(wrapper, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
         # fp32 ZeRO does not check gradients by default; a non-finite step must be skipped whole.
         wrapper.check_grad_overflow = True
-        for i, group in enumerate(muon.param_groups):
+        for group, (params, offsets, size, pg) in zip(muon.param_groups, _flat_groups(wrapper)):
             if group["use_muon"]:
-                pg = wrapper.real_dp_process_group[i]
-                spans = [(view, offset + view.offset)
-                         for param, offset in zip(wrapper.round_robin_bit16_groups[i],
-                                                  wrapper.round_robin_bit16_offsets[i])
+                spans = [(view, offset + view.offset) for param, offset in zip(params, offsets)
                          for view in muon.views[param]]
-                muon.set_layout(group, partitioned_layout(spans, int(wrapper.partition_size[i]), dist.get_rank(pg),
-                                                          dist.get_world_size(pg), group["ns_steps"], pg))
+                muon.set_layout(group, partitioned_layout(spans, size, dist.get_rank(pg), dist.get_world_size(pg),
+                                                          group["ns_steps"], pg))
         return
     if wrapper is muon:
         model_params = [group["params"] for group in muon.param_groups]
     elif isinstance(wrapper, FP16_UnfusedOptimizer):
         model_params = wrapper.fp16_groups
     else:
-        raise NotImplementedError(f"muon_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper yet "
-                                  "(bf16 with fp32 gradient accumulation, or pipeline parallelism); "
-                                  "use ZeRO stage 1 or 2 with the default data_types")
+        raise NotImplementedError(f"muon_ds does not support DeepSpeed's {type(wrapper).__name__} optimizer wrapper")
     for group, params in zip(muon.param_groups, model_params):
         if group["use_muon"]:
             pg = _replicas(group)
