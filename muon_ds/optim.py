@@ -85,10 +85,13 @@ class Muon(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         """All gradients finite, agreed across ranks when distributed (else every rank skips)."""
-        flags = [torch.isfinite(p.grad).all() for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.stack(flags).all() if flags else torch.tensor(True)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         if self.distributed and dist.is_initialized():
-            flag = finite.to(torch.float32)
+            # On the gradients' device (or the layout's, for a rank holding none): NCCL needs GPU tensors.
+            device = grads[0].device if grads else next(
+                (layout.device for layout in self.layouts.values() if layout.device is not None), finite.device)
+            flag = finite.to(device, torch.float32)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.sync_group)
             finite = flag > 0
         return bool(finite)
