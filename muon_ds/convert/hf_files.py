@@ -1,7 +1,7 @@
 """Reading and writing sharded HF safetensors directories (``model.safetensors.index.json``).
 
-Tensors are read one at a time from memory-mapped shards, so converting a large model needs memory
-for the output being built, not for the whole input.
+Tensors are read one at a time from a memory-mapped shard, so converting a large model needs memory for
+the output being built, not for the whole input.
 """
 
 from __future__ import annotations
@@ -42,15 +42,20 @@ class HFReader:
                 f"missing shard file(s) {missing} in {self.directory} (listed in {INDEX_NAME}; "
                 f"{missing[0]} holds e.g. {keys})"
             )
-        self._open: dict[str, Any] = {}
+        self._open_name: str | None = None
+        self._open_file: Any = None
 
     def _file(self, key: str) -> Any:
+        """The shard holding ``key``; only one shard is mapped at a time, so pages read from earlier
+        shards do not stay resident (tensors are copied out of the mapping)."""
         if key not in self.weight_map:
             raise KeyError(f"tensor {key!r} is not in the HF checkpoint {self.directory}")
         shard = self.weight_map[key]
-        if shard not in self._open:
-            self._open[shard] = safe_open(self.directory / shard, framework="pt")
-        return self._open[shard]
+        if shard != self._open_name:
+            self._open_file = None
+            self._open_file = safe_open(self.directory / shard, framework="pt")
+            self._open_name = shard
+        return self._open_file
 
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape from the shard header, without reading the data."""
@@ -77,38 +82,30 @@ class HFReader:
 def write_hf_shards(
     directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int
 ) -> dict[str, str]:
-    """Write (key, tensor) pairs in order into numbered shards plus the index; returns the weight map."""
+    """Write (key, tensor) pairs into numbered shards of at most ``max_shard_bytes`` (one tensor may
+    exceed it) plus the index; only the shard being filled is held in memory. Returns the weight map."""
     directory.mkdir(parents=True, exist_ok=True)
-    groups: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    names: list[str] = []
-    total = 0
-
-    def flush() -> None:
-        name = f"part-{len(names):05d}.safetensors"
-        save_file(groups[-1], str(directory / name), metadata={"format": "pt"})
-        names.append(name)
-        groups[-1] = {}
-        sizes[-1] = 0
-
-    weight_map: dict[str, int] = {}
+    shard_of: dict[str, int] = {}
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total = shards = 0
     for key, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if groups[-1] and sizes[-1] + nbytes > max_shard_bytes:
-            flush()
-        groups[-1][key] = tensor.contiguous()
-        sizes[-1] += nbytes
+        if pending and pending_bytes + nbytes > max_shard_bytes:
+            save_file(pending, str(directory / f"part-{shards}.safetensors"), metadata={"format": "pt"})
+            shards, pending, pending_bytes = shards + 1, {}, 0
+        pending[key] = tensor.contiguous()
+        shard_of[key] = shards
+        pending_bytes += nbytes
         total += nbytes
-        weight_map[key] = len(names)
-    if groups[-1]:
-        flush()
-    final = [f"model-{i + 1:05d}-of-{len(names):05d}.safetensors" for i in range(len(names))]
-    for old, new in zip(names, final):
-        (directory / old).rename(directory / new)
-    result = {key: final[i] for key, i in weight_map.items()}
-    index = {"metadata": {"total_size": total}, "weight_map": result}
+    save_file(pending, str(directory / f"part-{shards}.safetensors"), metadata={"format": "pt"})
+    shards += 1
+    names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    for i, name in enumerate(names):
+        (directory / f"part-{i}.safetensors").rename(directory / name)
+    weight_map = {key: names[i] for key, i in shard_of.items()}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return result
+    return weight_map
 
 
 def copy_assets(source: Path, target: Path) -> None:

@@ -8,6 +8,7 @@ Both conversion directions and the shape checks use this one table.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,44 @@ REPLICATED, COLUMN, ROW, GLU = "replicated", "column", "row", "glu"
 
 @dataclass(frozen=True)
 class Parallelism:
-    """Tensor, pipeline and expert parallel sizes of a Megatron checkpoint."""
+    """Tensor, pipeline and expert parallel sizes of a Megatron checkpoint.
+
+    ``first_stage_layers`` / ``last_stage_layers`` are Megatron-LM's
+    ``--decoder-first/last-pipeline-num-layers``: the other stages split the remaining layers evenly.
+    """
 
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    def stage_sizes(self, num_layers: int) -> list[int]:
+        """Decoder layers per pipeline stage, as megatron-core assigns them."""
+        ends = [n for n in (self.first_stage_layers, self.last_stage_layers) if n is not None]
+        if ends and self.pp == 1:
+            raise ValueError("first/last pipeline stage layer counts need pp > 1")
+        middle_stages = self.pp - len(ends)
+        remaining = num_layers - sum(ends)
+        if remaining < 0 or (middle_stages == 0 and remaining) or (middle_stages and remaining % middle_stages):
+            raise ValueError(f"num_hidden_layers={num_layers} cannot be split over pp={self.pp} stages "
+                             f"(first={self.first_stage_layers}, last={self.last_stage_layers})")
+        sizes = [remaining // middle_stages if middle_stages else 0] * self.pp
+        if self.first_stage_layers is not None:
+            sizes[0] = self.first_stage_layers
+        if self.last_stage_layers is not None:
+            sizes[-1] = self.last_stage_layers
+        return sizes
+
+    def megatron_kwargs(self) -> dict[str, int | None]:
+        """The matching TransformerConfig arguments."""
+        return {
+            "tensor_model_parallel_size": self.tp,
+            "pipeline_model_parallel_size": self.pp,
+            "expert_model_parallel_size": self.ep,
+            "num_layers_in_first_pipeline_stage": self.first_stage_layers,
+            "num_layers_in_last_pipeline_stage": self.last_stage_layers,
+        }
 
     def check(self, hf: dict[str, Any]) -> None:
         """Raise ValueError naming the size that does not divide the model."""
@@ -39,12 +73,12 @@ class Parallelism:
             "vocab_size": (hf["vocab_size"], self.tp),
             "intermediate_size": (hf["intermediate_size"], self.tp),
             "moe_intermediate_size": (hf["moe_intermediate_size"], self.tp),
-            "num_hidden_layers": (hf["num_hidden_layers"], self.pp),
             "n_routed_experts": (hf["n_routed_experts"], self.ep),
         }
         for field, (value, size) in need.items():
             if value % size:
                 raise ValueError(f"{field}={value} is not divisible by the parallel size {size}")
+        self.stage_sizes(hf["num_hidden_layers"])
 
     def rank_dir(self, tp_rank: int, pp_rank: int, ep_rank: int) -> str:
         """Megatron-LM's legacy checkpoint directory name for one rank."""
@@ -67,72 +101,68 @@ class Entry:
     megatron_key: str
     hf_keys: tuple[str, ...]
     split: str
+    parallel_linear: bool = False  # megatron's Column/RowParallelLinear also save ``_extra_state``
     expert: bool = False  # sharded over EP; other entries are copied to every EP rank
 
     @property
     def extra_state_key(self) -> str | None:
-        """Megatron's parallel linears also save an ``_extra_state`` entry (None for local modules)."""
-        if self.split == REPLICATED or not self.megatron_key.endswith(".weight"):
-            return None
-        if self.megatron_key == "embedding.word_embeddings.weight":
-            return None
-        return self.megatron_key[: -len("weight")] + "_extra_state"
+        """The ``_extra_state`` entry a parallel linear saves next to its weight (None for local modules)."""
+        return self.megatron_key[: -len("weight")] + "_extra_state" if self.parallel_linear else None
 
 
 def stage_layers(num_layers: int, par: Parallelism, pp_rank: int) -> range:
-    """Global indices of the decoder layers on one pipeline stage (even split)."""
-    per = num_layers // par.pp
-    return range(pp_rank * per, (pp_rank + 1) * per)
+    """Global indices of the decoder layers on one pipeline stage."""
+    sizes = par.stage_sizes(num_layers)
+    start = sum(sizes[:pp_rank])
+    return range(start, start + sizes[pp_rank])
 
 
-def _attention(hf: dict[str, Any], h: str) -> list[tuple[str, tuple[str, ...], str]]:
+def _attention(hf: dict[str, Any], h: str) -> list[Entry]:
     a = f"{h}.self_attn."
     if hf.get("q_lora_rank") is None:
-        q = [("self_attention.linear_q_proj.weight", (a + "q_proj.weight",), COLUMN)]
+        q = [Entry("self_attention.linear_q_proj.weight", (a + "q_proj.weight",), COLUMN, True)]
     else:
         q = [
-            ("self_attention.linear_q_down_proj.weight", (a + "q_a_proj.weight",), COLUMN),
-            ("self_attention.q_layernorm.weight", (a + "q_a_layernorm.weight",), REPLICATED),
-            ("self_attention.linear_q_up_proj.weight", (a + "q_b_proj.weight",), COLUMN),
+            Entry("self_attention.linear_q_down_proj.weight", (a + "q_a_proj.weight",), COLUMN, True),
+            Entry("self_attention.q_layernorm.weight", (a + "q_a_layernorm.weight",), REPLICATED),
+            Entry("self_attention.linear_q_up_proj.weight", (a + "q_b_proj.weight",), COLUMN, True),
         ]
     return [
-        ("input_layernorm.weight", (f"{h}.input_layernorm.weight",), REPLICATED),
+        Entry("input_layernorm.weight", (f"{h}.input_layernorm.weight",), REPLICATED),
         *q,
-        ("self_attention.linear_kv_down_proj.weight", (a + "kv_a_proj_with_mqa.weight",), REPLICATED),
-        ("self_attention.kv_layernorm.weight", (a + "kv_a_layernorm.weight",), REPLICATED),
-        ("self_attention.linear_kv_up_proj.weight", (a + "kv_b_proj.weight",), COLUMN),
-        ("self_attention.linear_proj.weight", (a + "o_proj.weight",), ROW),
-        ("pre_mlp_layernorm.weight", (f"{h}.post_attention_layernorm.weight",), REPLICATED),
+        Entry("self_attention.linear_kv_down_proj.weight", (a + "kv_a_proj_with_mqa.weight",), REPLICATED),
+        Entry("self_attention.kv_layernorm.weight", (a + "kv_a_layernorm.weight",), REPLICATED),
+        Entry("self_attention.linear_kv_up_proj.weight", (a + "kv_b_proj.weight",), COLUMN, True),
+        Entry("self_attention.linear_proj.weight", (a + "o_proj.weight",), ROW, True),
+        Entry("pre_mlp_layernorm.weight", (f"{h}.post_attention_layernorm.weight",), REPLICATED),
     ]
 
 
-def _swiglu(megatron: str, hf: str) -> list[tuple[str, tuple[str, ...], str]]:
+def _swiglu(megatron: str, hf: str, expert: bool = False) -> list[Entry]:
     return [
-        (f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"), GLU),
-        (f"{megatron}.linear_fc2.weight", (f"{hf}.down_proj.weight",), ROW),
+        Entry(f"{megatron}.linear_fc1.weight", (f"{hf}.gate_proj.weight", f"{hf}.up_proj.weight"), GLU, True, expert),
+        Entry(f"{megatron}.linear_fc2.weight", (f"{hf}.down_proj.weight",), ROW, True, expert),
     ]
 
 
-def _layer_entries(hf: dict[str, Any], layer: int, local: int, moe: bool, par: Parallelism, ep_rank: int) -> list[Entry]:
+def _layer_entries(
+    hf: dict[str, Any], layer: int, local: int, moe: bool, par: Parallelism, ep_rank: int
+) -> list[Entry]:
     h = f"model.layers.{layer}"
-    m = f"decoder.layers.{local}."
-    plain = _attention(hf, h)
-    experts: list[Entry] = []
+    entries = _attention(hf, h)
     if not moe:
-        plain += _swiglu("mlp", f"{h}.mlp")
+        entries += _swiglu("mlp", f"{h}.mlp")
     else:
-        plain += [
-            ("mlp.router.weight", (f"{h}.mlp.gate.weight",), REPLICATED),
-            ("mlp.router.expert_bias", (f"{h}.mlp.gate.e_score_correction_bias",), REPLICATED),
+        entries += [
+            Entry("mlp.router.weight", (f"{h}.mlp.gate.weight",), REPLICATED),
+            Entry("mlp.router.expert_bias", (f"{h}.mlp.gate.e_score_correction_bias",), REPLICATED),
         ]
         if hf.get("n_shared_experts"):
-            plain += _swiglu("mlp.shared_experts", f"{h}.mlp.shared_experts")
+            entries += _swiglu("mlp.shared_experts", f"{h}.mlp.shared_experts")
         per_rank = hf["n_routed_experts"] // par.ep
         for j in range(per_rank):
-            e = ep_rank * per_rank + j
-            for key, hf_keys, split in _swiglu(f"mlp.experts.local_experts.{j}", f"{h}.mlp.experts.{e}"):
-                experts.append(Entry(m + key, hf_keys, split, expert=True))
-    return [Entry(m + key, hf_keys, split) for key, hf_keys, split in plain] + experts
+            entries += _swiglu(f"mlp.experts.local_experts.{j}", f"{h}.mlp.experts.{ep_rank * per_rank + j}", True)
+    return [dataclasses.replace(e, megatron_key=f"decoder.layers.{local}.{e.megatron_key}") for e in entries]
 
 
 def rank_entries(hf: dict[str, Any], par: Parallelism, pp_rank: int, ep_rank: int) -> list[Entry]:
@@ -146,7 +176,7 @@ def rank_entries(hf: dict[str, Any], par: Parallelism, pp_rank: int, ep_rank: in
         entries += _layer_entries(hf, layer, local, bool(pattern[layer]), par, ep_rank)
     if pp_rank == par.pp - 1:
         entries.append(Entry("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED))
-        entries.append(Entry("output_layer.weight", ("lm_head.weight",), COLUMN))
+        entries.append(Entry("output_layer.weight", ("lm_head.weight",), COLUMN, True))
     return entries
 
 

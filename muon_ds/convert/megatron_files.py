@@ -12,8 +12,8 @@ Megatron-LM loads it with ``--load DIR --ckpt-format torch --no-load-optim --no-
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import resource
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,6 @@ __all__ = [
     "write_layout",
     "read_layout",
     "load_rank_model",
-    "refuse_existing",
-    "peak_rss_gib",
 ]
 
 ITERATION_FILE = "latest_checkpointed_iteration.txt"
@@ -54,7 +52,7 @@ def rank_file(directory: Path, par: Parallelism, tp_rank: int, pp_rank: int, ep_
 
 def write_layout(directory: Path, par: Parallelism, hf_config: dict[str, Any]) -> None:
     """Record how the checkpoint is split and which HF config it came from; mark it as a release."""
-    layout = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "hf_config": hf_config}
+    layout = {"parallelism": dataclasses.asdict(par), "hf_config": hf_config}
     (directory / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
     (directory / ITERATION_FILE).write_text("release\n")
 
@@ -65,7 +63,7 @@ def read_layout(directory: Path) -> tuple[Parallelism, dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: was {directory} written by `muon-ds convert hf-to-megatron`?")
     layout = json.loads(path.read_text())
-    return Parallelism(layout["tp"], layout["pp"], layout["ep"]), layout["hf_config"]
+    return Parallelism(**layout["parallelism"]), layout["hf_config"]
 
 
 def load_rank_model(path: Path) -> dict[str, Any]:
@@ -78,14 +76,3 @@ def load_rank_model(path: Path) -> dict[str, Any]:
     if "model" not in state:
         raise KeyError(f"{path} has no 'model' entry (virtual pipeline checkpoints are not supported)")
     return state["model"]
-
-
-def refuse_existing(path: Path) -> None:
-    """Conversions never overwrite: fail before doing any work."""
-    if path.exists():
-        raise FileExistsError(f"output {path} already exists; refusing to overwrite it")
-
-
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far, in GiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

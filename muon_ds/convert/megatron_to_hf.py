@@ -6,7 +6,6 @@ size-capped safetensors shards, so peak memory is about one output shard.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,19 +15,15 @@ from tqdm import tqdm
 from muon_ds.convert.hf_files import copy_assets, write_hf_shards
 from muon_ds.convert.hf_to_megatron import ConversionReport
 from muon_ds.convert.layout import Parallelism, hf_shapes, rank_entries, unshard
-from muon_ds.convert.megatron_files import (
-    ASSETS_DIR,
-    load_rank_model,
-    peak_rss_gib,
-    rank_file,
-    read_layout,
-    refuse_existing,
-)
+from muon_ds.convert.megatron_files import ASSETS_DIR, load_rank_model, rank_file, read_layout
+from muon_ds.convert.output import peak_rss_gib, refuse_existing, staged_output
 
 __all__ = ["megatron_to_hf", "hf_tensors_from_megatron"]
 
 
-def hf_tensors_from_megatron(directory: Path, par: Parallelism, hf: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors_from_megatron(
+    directory: Path, par: Parallelism, hf: dict[str, Any]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF key, tensor) rank file by rank file, checking every shape against the config."""
     shapes = hf_shapes(hf)
     for pp_rank in range(par.pp):
@@ -46,9 +41,8 @@ def hf_tensors_from_megatron(directory: Path, par: Parallelism, hf: dict[str, An
                 for key, tensor in zip(entry.hf_keys, pieces):
                     expected = shapes.pop(key)
                     if tuple(tensor.shape) != expected:
-                        raise ValueError(
-                            f"shape mismatch for {key!r}: config implies {expected}, Megatron gives {tuple(tensor.shape)}"
-                        )
+                        found = tuple(tensor.shape)
+                        raise ValueError(f"shape mismatch for {key!r}: config implies {expected}, Megatron has {found}")
                     yield key, tensor
             del models
     if shapes:
@@ -62,13 +56,10 @@ def megatron_to_hf(
     megatron_dir, out_dir = Path(megatron_dir), Path(out_dir)
     refuse_existing(out_dir)
     par, hf = read_layout(megatron_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
     total = len(hf_shapes(hf))
     stream = tqdm(hf_tensors_from_megatron(megatron_dir, par, hf), total=total, desc="megatron-to-hf",
                   unit="tensor", disable=not progress)
-    weight_map = write_hf_shards(partial, stream, max_shard_bytes)
-    copy_assets(megatron_dir / ASSETS_DIR, partial)
-    partial.rename(out_dir)
+    with staged_output(out_dir) as partial:
+        weight_map = write_hf_shards(partial, stream, max_shard_bytes)
+        copy_assets(megatron_dir / ASSETS_DIR, partial)
     return ConversionReport(out_dir, len(set(weight_map.values())), len(weight_map), peak_rss_gib())

@@ -1,8 +1,8 @@
 """Check a converted checkpoint: Megatron logits from our spec == transformers' DeepseekV3ForCausalLM.
 
 Both models run in float32 on the same random tokens; the largest absolute logit difference must be
-within float32 rounding (``atol``). Runs on every rank of a TP x EP world whose sizes match the
-checkpoint (pipeline parallel checkpoints: convert at PP=1 to verify).
+within float32 rounding: ``rtol`` times the largest absolute logit. Runs on every rank of a TP x EP
+world whose sizes match the checkpoint (pipeline parallel checkpoints: convert at PP=1 to verify).
 """
 
 from __future__ import annotations
@@ -17,9 +17,17 @@ import torch.distributed as dist
 from muon_ds.convert.megatron_files import load_rank_model, rank_file, read_layout
 from muon_ds.models.config import architecture_from_hf, mla_transformer_config
 
-__all__ = ["VerifyResult", "verify_checkpoint", "init_verify_world", "DEFAULT_ATOL"]
+__all__ = [
+    "VerifyResult",
+    "verify_checkpoint",
+    "load_megatron_model",
+    "load_hf_model",
+    "megatron_logits",
+    "init_verify_world",
+    "DEFAULT_RTOL",
+]
 
-DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 2e-5  # a wrong latent-norm epsilon alone gives ~2e-5 on the tiny model
 
 
 @dataclass(frozen=True)
@@ -28,11 +36,11 @@ class VerifyResult:
 
     max_abs_diff: float
     max_abs_logit: float
-    atol: float
+    rtol: float
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.atol
+        return self.max_abs_diff <= self.rtol * self.max_abs_logit
 
 
 def init_verify_world(tp: int, ep: int, device: torch.device) -> None:
@@ -51,7 +59,8 @@ def init_verify_world(tp: int, ep: int, device: torch.device) -> None:
     model_parallel_cuda_manual_seed(0)
 
 
-def _megatron_model(megatron_dir: Path, device: torch.device) -> torch.nn.Module:
+def load_megatron_model(megatron_dir: Path, device: torch.device) -> torch.nn.Module:
+    """This rank's piece of the converted model, built from our spec in float32 with full logits."""
     from megatron.core import parallel_state as ps
 
     from muon_ds.models.spec import build_moonlight_model
@@ -65,8 +74,7 @@ def _megatron_model(megatron_dir: Path, device: torch.device) -> torch.nn.Module
     arch = architecture_from_hf(hf)
     config = mla_transformer_config(
         hf,
-        tensor_model_parallel_size=par.tp,
-        expert_model_parallel_size=par.ep,
+        **par.megatron_kwargs(),
         sequence_parallel=par.tp > 1,
         params_dtype=torch.float32,
         use_cpu_initialization=device.type == "cpu",
@@ -82,12 +90,11 @@ def _megatron_model(megatron_dir: Path, device: torch.device) -> torch.nn.Module
     return model.to(device).eval()
 
 
-def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+def load_hf_model(hf_dir: Path) -> torch.nn.Module:
+    """The transformers reference, float32, eager attention."""
     from transformers import DeepseekV3ForCausalLM
 
-    model = DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
-    with torch.no_grad():
-        return model.eval()(input_ids=tokens).logits
+    return DeepseekV3ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -103,7 +110,7 @@ def verify_checkpoint(
     num_tokens: int = 32,
     batch: int = 2,
     seed: int = 0,
-    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
     device: torch.device = torch.device("cpu"),
 ) -> VerifyResult:
     """Compare logits; collective over the world set up by ``init_verify_world`` (or a test harness)."""
@@ -111,12 +118,13 @@ def verify_checkpoint(
     _, hf = read_layout(megatron_dir)
     vocab = int(hf["vocab_size"])
     tokens = torch.randint(0, vocab, (batch, num_tokens), generator=torch.Generator().manual_seed(seed))
-    ours = megatron_logits(_megatron_model(megatron_dir, device), tokens.to(device)).float().cpu()
+    ours = megatron_logits(load_megatron_model(megatron_dir, device), tokens.to(device)).float().cpu()
     stats = torch.zeros(2)
     if dist.get_rank() == 0:
-        reference = _hf_logits(hf_dir, tokens)
+        with torch.no_grad():
+            reference = load_hf_model(hf_dir)(input_ids=tokens).logits
         stats = torch.tensor([(ours - reference).abs().max().item(), reference.abs().max().item()])
     stats = stats.to(device)
     dist.broadcast(stats, src=0)
     stats = stats.cpu()
-    return VerifyResult(float(stats[0]), float(stats[1]), atol)
+    return VerifyResult(float(stats[0]), float(stats[1]), rtol)

@@ -8,7 +8,7 @@ Megatron model that differs from the checkpoint it claims to load.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,15 +34,12 @@ class UnmappableConfigError(ValueError):
 class MoonlightArchitecture:
     """What the HF config says about the network, in Megatron terms.
 
-    ``transformer`` holds MLATransformerConfig keyword arguments; the rest are GPTModel arguments or
-    facts the converter needs.
+    ``transformer`` holds MLATransformerConfig keyword arguments; the rest are GPTModel arguments.
     """
 
     transformer: dict[str, Any]
     vocab_size: int
     max_sequence_length: int
-    hf_dtype: str | None
-    moe_layers: tuple[bool, ...] = field(default=())
 
 
 Handler = Callable[[Any, dict[str, Any]], dict[str, Any]]
@@ -158,7 +155,9 @@ def _seq_aux(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _num_nextn_predict_layers(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
     if value:
-        raise UnmappableConfigError("num_nextn_predict_layers", value, "multi-token prediction layers are not converted")
+        raise UnmappableConfigError(
+            "num_nextn_predict_layers", value, "multi-token prediction layers are not converted"
+        )
     return {}
 
 
@@ -208,7 +207,9 @@ _HANDLERS: dict[str, Handler] = {
     "seq_aux": _seq_aux,
     "first_k_dense_replace": _first_k_dense_replace,
     "moe_layer_freq": _require(
-        "moe_layer_freq", lambda v: v in (None, 1), "transformers' DeepseekV3 makes every layer after the dense ones MoE"
+        "moe_layer_freq",
+        lambda v: v in (None, 1),
+        "transformers' DeepseekV3 makes every layer after the dense ones MoE",
     ),
     "num_nextn_predict_layers": _num_nextn_predict_layers,
     "tie_word_embeddings": _require(
@@ -275,6 +276,7 @@ def architecture_from_hf(hf: dict[str, Any]) -> MoonlightArchitecture:
         raise UnmappableConfigError("rope_theta", None, "required field is missing")
     kwargs: dict[str, Any] = {
         "multi_latent_attention": True,
+        "qk_layernorm": True,  # MLA's RMSNorm on the kv (and q) latents; Megatron-LM's specs key on it
         "add_bias_linear": False,
         "add_qkv_bias": False,
         "hidden_dropout": 0.0,
@@ -290,8 +292,6 @@ def architecture_from_hf(hf: dict[str, Any]) -> MoonlightArchitecture:
         transformer=kwargs,
         vocab_size=int(hf["vocab_size"]),
         max_sequence_length=int(hf["max_position_embeddings"]),
-        hf_dtype=hf.get("torch_dtype", hf.get("dtype")),
-        moe_layers=tuple(bool(p) for p in pattern),
     )
 
 

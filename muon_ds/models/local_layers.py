@@ -6,6 +6,7 @@
   (NVIDIA/Megatron-LM#1699).
 - ``RMSNorm``: torch's RMSNorm (megatron's ``WrappedTorchNorm``) refuses sequence parallelism, which
   MoE with TP > 1 requires.
+- ``LatentRMSNorm``: DeepSeek-V3's latent norms use eps 1e-6, not the config's ``rms_norm_eps``.
 - ``MLACoreAttention``: megatron's local ``DotProductAttention`` has no separate key/value head sizes.
 - ``MoonlightMLASelfAttention``: megatron's MLA accepts only a fixed list of kv down-projection
   classes, so it is built with the standard one and then replaced by ``TPReplicatedLinear``.
@@ -26,11 +27,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-__all__ = ["TPReplicatedLinear", "RMSNorm", "MLACoreAttention", "MoonlightMLASelfAttention"]
+__all__ = ["TPReplicatedLinear", "RMSNorm", "LatentRMSNorm", "MLACoreAttention", "MoonlightMLASelfAttention"]
 
 
-def _param_device(config: TransformerConfig) -> torch.device:
-    return torch.device("cpu") if config.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
+def _param_device(config: TransformerConfig) -> Any:
+    """As megatron's layers choose it: the default device (CPU, or a ``torch.device`` context such as
+    meta) for CPU initialisation, else the current GPU."""
+    return None if config.use_cpu_initialization else torch.cuda.current_device()
 
 
 def _mark_sequence_parallel(param: torch.nn.Parameter, config: TransformerConfig) -> None:
@@ -77,6 +80,14 @@ class RMSNorm(MegatronModule):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class LatentRMSNorm(RMSNorm):
+    """RMSNorm of MLA's compressed q / kv latents: DeepSeek-V3 builds these with eps 1e-6 whatever
+    ``rms_norm_eps`` says, while megatron-core passes the config's epsilon."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused: Any) -> None:
+        super().__init__(config=config, hidden_size=hidden_size, eps=1e-6)
 
 
 class MLACoreAttention(MegatronModule):

@@ -25,7 +25,13 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from muon_ds.models.local_layers import MLACoreAttention, MoonlightMLASelfAttention, RMSNorm, TPReplicatedLinear
+from muon_ds.models.local_layers import (
+    LatentRMSNorm,
+    MLACoreAttention,
+    MoonlightMLASelfAttention,
+    RMSNorm,
+    TPReplicatedLinear,
+)
 
 __all__ = ["Backend", "backend", "moonlight_layer_spec", "moonlight_block_spec", "build_moonlight_model"]
 
@@ -37,6 +43,7 @@ class Backend:
     provider: BackendSpecProvider  # megatron's provider, used for the MoE experts
     attention: type
     norm: type
+    latent_norm: type  # MLA's q / kv latent RMSNorm
     column_linear: type
     row_linear: type
     replicated_linear: type  # MLA kv down-projection: full weight on every TP rank
@@ -49,6 +56,7 @@ def _local() -> Backend:
         provider=provider,
         attention=MoonlightMLASelfAttention,
         norm=RMSNorm,
+        latent_norm=LatentRMSNorm,
         column_linear=provider.column_parallel_linear(),
         row_linear=provider.row_parallel_linear(),
         replicated_linear=TPReplicatedLinear,
@@ -57,6 +65,10 @@ def _local() -> Backend:
 
 
 def _transformer_engine() -> Backend:
+    try:
+        import transformer_engine  # noqa: F401  (megatron-core substitutes mocks when it is missing)
+    except ImportError as err:
+        raise ImportError("backend 'te' needs TransformerEngine; use backend 'local' without it") from err
     from megatron.core.extensions.transformer_engine import TENorm
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
@@ -65,6 +77,7 @@ def _transformer_engine() -> Backend:
         provider=provider,
         attention=MLASelfAttention,
         norm=TENorm,
+        latent_norm=TENorm,  # uses the config's epsilon (1e-5 for Moonlight instead of 1e-6)
         column_linear=provider.column_parallel_linear(),
         row_linear=provider.row_parallel_linear(),
         replicated_linear=provider.linear(),  # TELinear, built "duplicated" by MLA
@@ -107,8 +120,8 @@ def moonlight_layer_spec(be: Backend, config: MLATransformerConfig, moe: bool) -
                     linear_kv_up_proj=be.column_linear,
                     core_attention=be.core_attention,
                     linear_proj=be.row_linear,
-                    q_layernorm=be.norm,
-                    kv_layernorm=be.norm,
+                    q_layernorm=be.latent_norm,
+                    kv_layernorm=be.latent_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -129,7 +142,10 @@ def _moe_flags(config: MLATransformerConfig) -> list[bool]:
 
 
 def moonlight_block_spec(
-    config: MLATransformerConfig, backend_name: str = "local", vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+    config: MLATransformerConfig,
+    backend_name: str = "local",
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
     """Specs of the layers this pipeline stage builds, and the final norm."""
     if config.pipeline_model_parallel_layout is not None:

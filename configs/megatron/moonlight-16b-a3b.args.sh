@@ -1,0 +1,47 @@
+# Source this file in a Megatron-LM launch script: pretrain_gpt.py "${MOONLIGHT_16B_ARGS[@]}" ...
+# Same content as moonlight-16b-a3b.yaml (checked by tests/test_moonlight_configs.py).
+MOONLIGHT_16B_ARGS=(
+    --num-layers 27
+    --hidden-size 2048
+    --ffn-hidden-size 11264
+    --num-attention-heads 16
+    --multi-latent-attention
+    --kv-lora-rank 512
+    --qk-head-dim 128
+    --qk-pos-emb-head-dim 64
+    --v-head-dim 128
+    --qk-layernorm
+    --rope-type rope
+    --rotary-base 50000
+    --position-embedding-type rope
+    --normalization RMSNorm
+    --norm-epsilon 1e-05
+    --swiglu
+    --disable-bias-linear
+    --untie-embeddings-and-output-weights
+    --max-position-embeddings 8192
+    --init-method-std 0.02
+    --attention-dropout 0.0
+    --hidden-dropout 0.0
+    --num-experts 64
+    --moe-ffn-hidden-size 1408
+    --moe-shared-expert-intermediate-size 2816
+    --moe-layer-freq '([0]*1+[1]*26)'
+    --moe-router-topk 6
+    --moe-router-score-function sigmoid
+    --moe-router-enable-expert-bias
+    --moe-router-bias-update-rate 0.001
+    --moe-router-topk-scaling-factor 2.446
+    --moe-router-dtype fp32
+    --moe-router-load-balancing-type seq_aux_loss
+    --moe-aux-loss-coeff 0.001
+    --moe-token-dispatcher-type alltoall
+    --tokenizer-type HuggingFaceTokenizer
+    --tokenizer-model moonshotai/Moonlight-16B-A3B
+    --make-vocab-size-divisible-by 128
+    --seq-length 8192
+    --optimizer muon
+    --weight-decay 0.1
+    --bf16
+    --ckpt-format torch
+)

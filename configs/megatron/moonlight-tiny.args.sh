@@ -1,0 +1,45 @@
+# Source this file in a Megatron-LM launch script: pretrain_gpt.py "${MOONLIGHT_TINY_ARGS[@]}" ...
+# Same content as moonlight-tiny.yaml (checked by tests/test_moonlight_configs.py).
+MOONLIGHT_TINY_ARGS=(
+    --num-layers 3
+    --hidden-size 64
+    --ffn-hidden-size 96
+    --num-attention-heads 4
+    --multi-latent-attention
+    --kv-lora-rank 32
+    --qk-head-dim 16
+    --qk-pos-emb-head-dim 8
+    --v-head-dim 16
+    --qk-layernorm
+    --rope-type rope
+    --rotary-base 50000
+    --position-embedding-type rope
+    --normalization RMSNorm
+    --norm-epsilon 1e-05
+    --swiglu
+    --disable-bias-linear
+    --untie-embeddings-and-output-weights
+    --max-position-embeddings 256
+    --init-method-std 0.02
+    --attention-dropout 0.0
+    --hidden-dropout 0.0
+    --num-experts 4
+    --moe-ffn-hidden-size 24
+    --moe-shared-expert-intermediate-size 48
+    --moe-layer-freq '([0]*1+[1]*2)'
+    --moe-router-topk 2
+    --moe-router-score-function sigmoid
+    --moe-router-enable-expert-bias
+    --moe-router-bias-update-rate 0.001
+    --moe-router-topk-scaling-factor 2.446
+    --moe-router-dtype fp32
+    --moe-router-load-balancing-type seq_aux_loss
+    --moe-aux-loss-coeff 0.001
+    --moe-token-dispatcher-type alltoall
+    --vocab-size 256
+    --make-vocab-size-divisible-by 1
+    --seq-length 128
+    --optimizer muon
+    --weight-decay 0.1
+    --ckpt-format torch
+)

@@ -1,0 +1,1 @@
+"""Lossless HF <-> Megatron checkpoint conversion for Moonlight, and its verification."""
