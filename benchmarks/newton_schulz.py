@@ -66,7 +66,7 @@ def main() -> None:
     stacks = {shape: torch.randn(count, *shape, device=device) for shape, count in work.items()}
     flops = sum(count * ns_flops(shape) for shape, count in work.items())
 
-    size = 8192 if gpu else 1024
+    size = 8192 if gpu else 2048
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     peak = 2 * size**3 / seconds(lambda: a @ b, device, repeat=5)
     repeat = 2 if gpu else 1
