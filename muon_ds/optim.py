@@ -162,7 +162,8 @@ class Muon(torch.optim.Optimizer):
             decay_weights(p, lr, group["weight_decay"])
             flat = p.view(-1)
             for piece, offset in pieces:
-                scale = update_scale(plan.matrices[piece.key].shape, group["scale"]) * group.get("scale_multiplier", 1.0)
+                scale = update_scale(plan.matrices[piece.key].shape, group["scale"])
+                scale *= group.get("scale_multiplier", 1.0)  # engines' extra factor (Megatron's extra_scale_factor)
                 flat[offset:offset + piece.numel].add_(local[piece].to(p.dtype), alpha=-lr * scale)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

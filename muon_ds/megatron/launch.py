@@ -1,0 +1,80 @@
+"""Patch-free route: run an unmodified Megatron-LM core_v0.16.1 script with muon_ds's ``--optimizer muon``.
+
+    torchrun --nproc-per-node 8 -m muon_ds.megatron.launch pretrain_gpt.py --optimizer muon ...
+
+:func:`install` does in this process what patches/megatron-lm-core_v0.16.1-muon_ds.patch does in the
+source: registers muon_ds's extra ``--muon-*`` flags, applies Moonlight's defaults instead of
+Megatron's Muon asserts, and makes ``setup_model_and_optimizer`` build muon_ds's optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from typing import Any, Callable, Optional
+
+from muon_ds.megatron.arguments import add_arguments, apply_moonlight_defaults
+from muon_ds.megatron.optimizer import get_megatron_optimizer
+
+
+def _validate_without_muon_asserts(validate: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron's validate_args, which refuses Muon with the distributed optimizer and overlap, sees Adam."""
+
+    def validate_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> argparse.Namespace:
+        optimizer = args.optimizer
+        if "muon" not in optimizer:
+            return validate(args, defaults or {})
+        args.optimizer = "adam"
+        try:
+            args = validate(args, defaults or {})
+        finally:
+            args.optimizer = optimizer
+        return apply_moonlight_defaults(args)
+
+    return validate_args
+
+
+def _muon_factory(config: Any, model_chunks: Any, config_overrides: Any = None, use_gloo_process_groups: bool = True,
+                  layer_wise_distributed_optimizer: bool = False, pg_collection: Any = None) -> Any:
+    """Stands in for megatron-core's get_megatron_muon_optimizer, with its signature."""
+    if layer_wise_distributed_optimizer:
+        raise ValueError("--optimizer dist_muon (Megatron's layer-wise distributed Muon) is not muon_ds's; use "
+                         "--optimizer muon with --use-distributed-optimizer")
+    return get_megatron_optimizer(config, model_chunks, config_overrides=config_overrides,
+                                  use_gloo_process_groups=use_gloo_process_groups, pg_collection=pg_collection)
+
+
+def install() -> None:
+    """Point megatron.training at muon_ds's Muon (idempotent)."""
+    import megatron.training.arguments as arguments
+    import megatron.training.initialize as initialize
+    import megatron.training.training as training
+
+    if getattr(arguments, "_muon_ds_installed", False):
+        return
+    add_megatron_arguments = arguments.add_megatron_arguments
+
+    def add_all_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        return add_arguments(add_megatron_arguments(parser))
+
+    validate = _validate_without_muon_asserts(arguments.validate_args)
+    arguments.add_megatron_arguments = add_all_arguments
+    arguments.validate_args = validate
+    initialize.validate_args = validate
+    training.get_megatron_muon_optimizer = _muon_factory
+    arguments._muon_ds_installed = True
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """``python -m muon_ds.megatron.launch SCRIPT ARGS...``: install, then run SCRIPT as ``__main__``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit("usage: python -m muon_ds.megatron.launch pretrain_gpt.py [Megatron-LM arguments]")
+    install()
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
