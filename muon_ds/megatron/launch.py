@@ -5,17 +5,24 @@
 :func:`install` does in this process what patches/megatron-lm-core_v0.16.1-muon_ds.patch does in the
 source: registers muon_ds's extra ``--muon-*`` flags, applies Moonlight's defaults instead of
 Megatron's Muon asserts, and makes ``setup_model_and_optimizer`` build muon_ds's optimizer.
+With ``--moonlight-spec`` or ``--moonlight-config CONFIG_JSON``, pretrain_gpt.py also builds Moonlight
+from muon_ds's layer specs (see :mod:`muon_ds.megatron.moonlight_provider`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import sys
 from typing import Any, Callable, Optional
 
+from muon_ds.megatron import moonlight_provider
 from muon_ds.megatron.arguments import add_arguments, apply_moonlight_defaults
 from muon_ds.megatron.optimizer import get_megatron_optimizer
+
+
+MOONLIGHT_FLAGS = ("--moonlight-spec", "--moonlight-config")
 
 
 def _validate_without_muon_asserts(validate: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,7 +63,7 @@ def install() -> None:
     add_megatron_arguments = arguments.add_megatron_arguments
 
     def add_all_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        return add_arguments(add_megatron_arguments(parser))
+        return moonlight_provider.add_arguments(add_arguments(add_megatron_arguments(parser)))
 
     validate = _validate_without_muon_asserts(arguments.validate_args)
     arguments.add_megatron_arguments = add_all_arguments
@@ -71,7 +78,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         raise SystemExit("usage: python -m muon_ds.megatron.launch pretrain_gpt.py [Megatron-LM arguments]")
+    if not os.path.isfile(argv[0]):
+        raise SystemExit(f"training script not found: {argv[0]} (pass Megatron-LM's pretrain_gpt.py)")
     install()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))  # as ``python SCRIPT`` would
+    if any(arg.split("=", 1)[0] in MOONLIGHT_FLAGS for arg in argv[1:]):
+        moonlight_provider.install()
     sys.argv = list(argv)
     runpy.run_path(argv[0], run_name="__main__")
 
