@@ -35,7 +35,6 @@ LAUNCH = ("import sys; from unittest import mock; "
           "from muon_ds.megatron.launch import main; main()")
 BASE = ["--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "1", "--transformer-impl", "local",
         "--use-cpu-initialization", "--use-distributed-optimizer", "--tokenizer-type", "NullTokenizer",
-        "--no-rope-fusion",  # megatron-core fuses MLA RoPE only for YaRN; Moonlight has plain RoPE
         "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]  # CUDA extensions
 
 

@@ -14,6 +14,7 @@ MOONLIGHT_16B_ARGS=(
     --rope-type rope
     --rotary-base 50000
     --position-embedding-type rope
+    --no-rope-fusion
     --normalization RMSNorm
     --norm-epsilon 1e-05
     --swiglu

@@ -98,7 +98,7 @@ parallel_args=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size
                --expert-model-parallel-size "$EP" --expert-tensor-parallel-size "$ETP"
                --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather)
 (( TP == 1 )) || parallel_args+=(--sequence-parallel)
-moonlight_args=(--moonlight-spec --no-rope-fusion)  # megatron-core fuses MLA RoPE only for YaRN; Moonlight's is plain
+moonlight_args=(--moonlight-spec)
 [[ -z $MOONLIGHT_HF_CONFIG ]] || moonlight_args+=(--moonlight-config "$MOONLIGHT_HF_CONFIG")
 training_args=(--micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
                --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
