@@ -21,20 +21,26 @@ def _register(module: ModuleType) -> None:
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Finds ``deepspeed`` through the other finders and runs the registration after it executes."""
+    """Finds ``deepspeed`` through the other finders and runs the registration after it executes.
+
+    It stays on ``sys.meta_path`` until DeepSpeed has really been imported: libraries probe with
+    ``importlib.util.find_spec("deepspeed")`` first (transformers does), which must not use it up.
+    """
 
     def find_spec(self, fullname: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
                   ) -> Optional[importlib.machinery.ModuleSpec]:
         if fullname != "deepspeed":
             return None
-        sys.meta_path.remove(self)
         for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            spec = (finder.find_spec(fullname, path, target)
+                    if finder is not self and hasattr(finder, "find_spec") else None)
             if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
                 run_module = spec.loader.exec_module
 
                 def exec_then_register(module: ModuleType) -> None:
                     run_module(module)
+                    if self in sys.meta_path:
+                        sys.meta_path.remove(self)
                     _register(module)
 
                 spec.loader.exec_module = exec_then_register

@@ -24,6 +24,12 @@ def test_import_activates_in_either_order(order: str) -> None:
     assert python(f"{order}; {REGISTERED}") == "True"
 
 
+def test_a_find_spec_probe_before_the_import_does_not_disarm_it() -> None:
+    """transformers' is_deepspeed_available() asks importlib.util.find_spec("deepspeed") first."""
+    probe = "import importlib.util, muon_ds; importlib.util.find_spec('deepspeed'); import deepspeed"
+    assert python(f"{probe}; {REGISTERED}") == "True"
+
+
 def test_muon_ds_does_not_import_deepspeed_by_itself() -> None:
     assert python("import sys, muon_ds; print('deepspeed' in sys.modules)") == "False"
 

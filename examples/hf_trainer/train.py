@@ -1,0 +1,67 @@
+"""An ordinary Hugging Face ``Trainer`` script for a causal LM, nothing muon_ds-specific in it.
+
+It gets Moonlight's Muon from its DeepSpeed JSON (``"optimizer": {"type": "Muon", ...}``) when
+muon_ds is installed (the wheel's autoload hook patches DeepSpeed on import). From a source
+checkout without ``pip install``, start it with ``python -c "import muon_ds, runpy; ..."`` instead
+(see examples/hf_trainer/README.md). Launch with ``torchrun``, ``deepspeed`` or ``accelerate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
+
+from examples.demo import corpus
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class ScriptArguments:
+    model_config: str = field(default=str(HERE / "tiny_moonlight.json"),
+                              metadata={"help": "a transformers config.json; the model starts from random weights"})
+    data_dir: str = field(default="", metadata={"help": "text files to train on (default: Python's stdlib)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens (bytes) per sequence"})
+
+
+class ByteWindows(torch.utils.data.Dataset):
+    """Fixed windows of byte tokens; the model shifts labels itself."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int, count: int) -> None:
+        self.data, self.seq_len = data, seq_len
+        self.starts = torch.linspace(0, data.numel() - seq_len - 1, count).long()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = corpus.windows(self.data, self.starts[index:index + 1], self.seq_len)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+def main() -> None:
+    script, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    root = Path(script.data_dir) if script.data_dir else corpus.default_root()
+    corpus.check_root(root, script.seq_len)
+    if not Path(script.model_config).is_file():
+        raise SystemExit(f"error: --model_config {script.model_config} not found")
+    train_data, val_data = corpus.split(root)
+    sequences = max(args.max_steps, 1) * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+        * args.world_size
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(script.model_config))
+    trainer = Trainer(model=model, args=args,
+                      train_dataset=ByteWindows(train_data, script.seq_len, sequences),
+                      eval_dataset=ByteWindows(val_data, script.seq_len, 16 * args.world_size))
+    result = trainer.train()
+    metrics = {**result.metrics, **trainer.evaluate()}
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.save_state()
+
+
+if __name__ == "__main__":
+    main()
