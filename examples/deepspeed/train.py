@@ -14,28 +14,16 @@ import json
 import os
 import signal
 import sys
-import sysconfig
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 import muon_ds  # noqa: F401  (explicit activation; harmless when the import hook already did it)
-from tiny_gpt import TinyGPT  # the file beside this script
 
-
-def load_text(root: Path, limit_bytes: int) -> torch.Tensor:
-    """Bytes of the .py files under ``root`` (default: Python's own standard library)."""
-    if not root.is_dir():
-        raise SystemExit(f"--data {root}: not a directory")
-    data = bytearray()
-    for path in sorted(root.rglob("*.py")):
-        data += path.read_bytes()
-        if len(data) >= limit_bytes:
-            break
-    if len(data) < 1 << 16:
-        raise SystemExit(f"--data {root}: found only {len(data)} bytes of .py files")
-    return torch.frombuffer(bytes(data[:limit_bytes]), dtype=torch.uint8).long()
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for the examples' modules
+from examples.deepspeed.tiny_gpt import TinyGPT  # noqa: E402
+from examples.demo import corpus  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--data", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
+    parser.add_argument("--data", type=Path, default=corpus.default_root(), help="text to train on (default: stdlib)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--save-interval", type=int, default=50)
     parser.add_argument("--log-interval", type=int, default=10)
@@ -67,7 +55,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = TinyGPT(args.width, args.layers, args.heads, args.seq_len)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    text = load_text(args.data, 8 << 20)
+    corpus.check_root(args.data, args.seq_len)
+    text, _validation = corpus.split(args.data)
     micro = engine.train_micro_batch_size_per_gpu()
 
     step = 0
@@ -89,7 +78,7 @@ def main() -> None:
         for micro_step in range(engine.gradient_accumulation_steps()):
             generator = torch.Generator().manual_seed(args.seed + (step * 1000 + micro_step) * world + rank)
             starts = torch.randint(0, len(text) - args.seq_len - 1, (micro,), generator=generator)
-            tokens = torch.stack([text[s:s + args.seq_len + 1] for s in starts]).to(engine.device)
+            tokens = corpus.windows(text, starts, args.seq_len + 1).to(engine.device)
             loss = engine(tokens)
             engine.backward(loss)
             engine.step()

@@ -5,7 +5,8 @@
 
 The model is muon_ds's Moonlight spec (MLA, first layer dense, sigmoid-routed experts with expert bias,
 shared experts, untied head) built from an HF config.json (default: the tiny one in tests/data); the data
-are byte tokens of the Python standard library's source files, the last 10% held out. The loop is
+are byte tokens of the Python standard library's text files, about 1 file in 40 held out (the demo's
+examples/demo/corpus.py). The loop is
 megatron-core's: Megatron DDP with the distributed optimizer (ZeRO-1), ``get_forward_backward_func``,
 ``finalize_model_grads`` (which also updates the routers' expert bias) and muon_ds's
 ``get_megatron_optimizer`` with Moonlight's settings: Muon on the hidden matrices, AdamW on the rest,
@@ -18,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # the repository root, for the examples' modules (and tests' CPU support)
+from examples.demo import corpus  # noqa: E402
 DEFAULT_CONFIG = REPO / "tests" / "data" / "moonlight-tiny.config.json"
 
 
@@ -40,25 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (with sequence parallelism)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size")
-    parser.add_argument("--text-bytes", type=int, default=2_000_000, help="how much stdlib text to read")
+    parser.add_argument("--data", type=Path, default=None, help="text to train on (default: Python's stdlib)")
     parser.add_argument("--seed", type=int, default=1234)
     return parser.parse_args(argv)
-
-
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    """The first ``limit`` bytes of the standard library's .py files, in a fixed order, as uint8 tokens."""
-    chunks, size = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts:
-            continue
-        data = path.read_bytes()
-        chunks.append(data)
-        size += len(data)
-        if size >= limit:
-            break
-    if size < 10_000:
-        raise RuntimeError(f"found only {size} bytes of Python sources under {sysconfig.get_paths()['stdlib']}")
-    return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8)
 
 
 def batches(text: torch.Tensor, rows: int, seq: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -69,7 +55,7 @@ def batches(text: torch.Tensor, rows: int, seq: int, seed: int) -> Iterator[tupl
     generator = torch.Generator().manual_seed(seed)
     while True:
         starts = torch.randint(0, len(text) - seq - 1, (rows * dp,), generator=generator)[rank * rows:(rank + 1) * rows]
-        window = torch.stack([text[s : s + seq + 1] for s in starts.tolist()]).long()
+        window = corpus.windows(text, starts, seq + 1)
         yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 
@@ -83,7 +69,6 @@ def setup(args: argparse.Namespace) -> str:
     if not torch.cuda.is_available():
         # megatron-core assumes CUDA in places; tests/megatron_cpu*.py patch those in this process only.
         # They are TEST SUPPORT for running the tiny model on CPU ranks: on GPUs nothing is patched.
-        sys.path.insert(0, str(REPO))
         from tests import megatron_cpu, megatron_cpu_optim
 
         megatron_cpu_optim.apply()
@@ -166,12 +151,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--hf-config {args.hf_config} not found")
     device = setup(args)
     rank0 = dist.get_rank() == 0
-    text = stdlib_bytes(args.text_bytes)
-    split = len(text) * 9 // 10
+    root = args.data or corpus.default_root()
+    corpus.check_root(root, args.seq_length)
+    text, validation = corpus.split(root)
     ddp, optimizer, arch = build(args, device)
     if arch.vocab_size < 256:
         raise SystemExit(f"byte tokens need a vocabulary of at least 256; {args.hf_config} has {arch.vocab_size}")
-    held_out = list(zip(range(4), batches(text[split:], args.micro_batch_size, args.seq_length, args.seed + 1)))
+    held_out = list(zip(range(4), batches(validation, args.micro_batch_size, args.seq_length, args.seed + 1)))
 
     def validate() -> float:
         ddp.eval()
@@ -183,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     before = validate()
     if rank0:
         print(f"held-out loss before training: {before:.4f}", flush=True)
-    data = batches(text[:split], args.micro_batch_size, args.seq_length, args.seed)
+    data = batches(text, args.micro_batch_size, args.seq_length, args.seed)
     losses, start = [], time.time()
     dp = parallel_state.get_data_parallel_world_size()
     for step in range(1, args.steps + 1):
