@@ -61,6 +61,9 @@ def main() -> None:
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
     trainer.save_state()
+    if torch.distributed.is_initialized():
+        # Leave no communication threads running into interpreter shutdown (seen to abort a rank under load).
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
