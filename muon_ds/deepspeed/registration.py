@@ -47,7 +47,6 @@ def _named(engine: DeepSpeedEngine, params: Any) -> list[dict[str, Any]]:
 
 
 def build_muon(engine: DeepSpeedEngine, model_parameters: Any) -> Muon:
-    check_engine(engine)
     groups = _named(engine, model_parameters)
     optimizer = Muon(groups, **(engine.optimizer_params() or {}))
     for group in groups:
@@ -79,6 +78,9 @@ def register() -> None:
         return build_basic(self, model_parameters)
 
     def _configure_optimizer(self: DeepSpeedEngine, client_optimizer: Any, model_parameters: Any) -> None:
+        # Before anything is built, for a config's "type": "Muon" and a Muon passed to initialize alike.
+        if isinstance(client_optimizer, Muon) or (client_optimizer is None and self.optimizer_name() == "muon"):
+            check_engine(self)
         configure(self, client_optimizer, model_parameters)
         if isinstance(self.basic_optimizer, Muon):
             from muon_ds.deepspeed.layouts import attach_layouts
