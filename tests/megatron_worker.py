@@ -29,7 +29,8 @@ from tests import megatron_cpu, megatron_cpu_optim
 TINY = json.loads((Path(__file__).parent / "data" / "moonlight-tiny.config.json").read_text())
 BATCH, SEQ, LR, WD = 4, 16, 0.02, 0.1
 DEFAULTS = dict(tp=1, ep=1, mode="distributed", distopt=1, steps=3, save="", load="", reference=0, clip=0.0,
-                bucket=0, overlap=0, precision="fp32", poison=-1, reshardable=0, pp=1, arch="moonlight")
+                bucket=0, overlap=0, precision="fp32", poison=-1, reshardable=0, pp=1, arch="moonlight",
+                format="torch_dist")
 
 
 def parse(spec: str) -> tuple[str, dict[str, Any]]:
@@ -281,20 +282,49 @@ def checkpoint_metadata(fully_reshardable: bool) -> dict[str, Any]:
             "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-def save_checkpoint(ddp: Any, optimizer: Any, directory: str, fully_reshardable: bool) -> None:
+def _torch_format_files(directory: str) -> tuple[Path, Path]:
+    """Megatron-LM's ``--ckpt-format torch`` files of this rank: its model/optimizer file (one per rank
+    here; Megatron-LM writes it on expert-DP rank 0) and the distributed optimizer's ``distrib_optim.pt``
+    of its (TP, PP, EP) ranks, written by DP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    mp = Path(directory) / (f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_"
+                            f"{ps.get_pipeline_model_parallel_rank():03d}_{ps.get_expert_model_parallel_rank():03d}")
+    return mp / f"model_optim_rng.rank{dist.get_rank()}.pt", mp / "distrib_optim.pt"
+
+
+def save_checkpoint(ddp: Any, optimizer: Any, directory: str, options: dict[str, Any]) -> None:
+    """As Megatron-LM's save_checkpoint does it for ``--ckpt-format`` torch_dist or torch."""
     from megatron.core import dist_checkpointing
 
-    metadata = checkpoint_metadata(fully_reshardable)
+    if options["format"] == "torch":
+        model_file, optim_file = _torch_format_files(directory)
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        if options["distopt"]:
+            optimizer.save_parameter_state(str(optim_file))
+        torch.save({"model": ddp.module.state_dict_for_save_checkpoint(), "optimizer": optimizer.state_dict()},
+                   model_file)
+        return
+    metadata = checkpoint_metadata(bool(options["reshardable"]))
     model_state = ddp.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, metadata=metadata)}
     Path(directory).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(state, directory)
 
 
-def load_checkpoint(ddp: Any, optimizer: Any, directory: str, fully_reshardable: bool) -> None:
+def load_checkpoint(ddp: Any, optimizer: Any, directory: str, options: dict[str, Any]) -> None:
+    """As Megatron-LM's load_checkpoint does it for ``--ckpt-format`` torch_dist or torch."""
     from megatron.core import dist_checkpointing
 
-    metadata = checkpoint_metadata(fully_reshardable)
+    if options["format"] == "torch":
+        model_file, optim_file = _torch_format_files(directory)
+        state = torch.load(model_file, weights_only=False)
+        ddp.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if options["distopt"]:
+            optimizer.load_parameter_state(str(optim_file))
+        return
+    metadata = checkpoint_metadata(bool(options["reshardable"]))
     model_state = ddp.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_state,
              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)}
@@ -310,7 +340,7 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
     initial = weights(ddp.module)
     first = 0
     if options["load"]:
-        load_checkpoint(ddp, optimizer, str(out / options["load"]), bool(options["reshardable"]))
+        load_checkpoint(ddp, optimizer, str(out / options["load"]), options)
         first = int(json.loads((out / options["load"] / "muon_test_step.json").read_text()))
     errors = []
     skipped_intact = None
@@ -327,7 +357,7 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
             errors.append(reference.error())
         if options["save"] and step + 1 == int(options["save"].split("@")[1]):
             directory = out / options["save"].split("@")[0]
-            save_checkpoint(ddp, optimizer, str(directory), bool(options["reshardable"]))
+            save_checkpoint(ddp, optimizer, str(directory), options)
             if dist.get_rank() == 0:
                 (directory / "muon_test_step.json").write_text(json.dumps(step + 1))
     if options["overlap"]:
