@@ -23,7 +23,7 @@ WORKER = "tests.megatron_worker"
 TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1,steps=3",
              "dp2buckets:bucket=4000,overlap=1,steps=3", "dp2clip:clip=0.05,steps=3",
              "tp2:tp=2,steps=3", "tp2block:tp=2,mode=blockwise,steps=3", "ep2:ep=2,steps=3", "pp2:pp=2,steps=3",
-             "gpt_tp2:arch=gpt,tp=2,steps=3",
+             "gpt_tp2:arch=gpt,tp=2,steps=3", "tp2_megatron_defaults:tp=2,config=megatron,steps=3",
              "bf16:precision=bf16,steps=2", "bf16nd:precision=bf16,distopt=0,steps=2",
              "fp16:precision=fp16,steps=3,poison=1",
              "full:steps=4", "first:steps=2,save=ckpt@2", "resumed:steps=4,load=ckpt",
@@ -142,6 +142,16 @@ def test_blockwise_differs_from_full(runs: Path) -> None:
     """--muon-tp-mode blockwise orthogonalizes each TP shard: the same check must see it differ."""
     errors = _errors(_load(runs, "tp2block"), _load(runs, "ref"))
     assert max(errors.values()) > 0.05
+
+
+def test_megatron_core_defaults_from_python_are_warned_about(runs: Path) -> None:
+    """OptimizerConfig(optimizer="muon") from Python gets megatron-core's dataclass defaults (blockwise TP NS,
+    5x Moonlight's scale): training is off Moonlight, and the start-up log says so; moonlight_optimizer_config
+    (every other scenario) warns about nothing."""
+    warned = _load(runs, "tp2_megatron_defaults")["results"][0]["warnings"]
+    assert any("blockwise" in w for w in warned) and any("spectral x 1" in w for w in warned), warned
+    assert _load(runs, "tp2")["results"][0]["warnings"] == []
+    assert max(_errors(_load(runs, "tp2_megatron_defaults"), _load(runs, "ref")).values()) > 0.5
 
 
 def test_resume_from_dist_checkpoint_is_exact(runs: Path) -> None:

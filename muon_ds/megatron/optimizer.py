@@ -231,7 +231,9 @@ def get_megatron_optimizer(
 ) -> MegatronOptimizer:
     """megatron-core's ``get_megatron_optimizer`` with Moonlight's Muon: Muon on hidden matrices, AdamW on the rest.
 
-    Takes the ``muon_*`` fields of ``config`` (Megatron's names), AdamW's betas/eps/lr/weight decay,
+    Takes the ``muon_*`` fields of ``config`` (Megatron's names; :func:`~muon_ds.megatron.arguments.
+    moonlight_optimizer_config` gives Moonlight's; settings that are not, e.g. megatron-core's
+    dataclass defaults, are warned about loudly at start-up), AdamW's betas/eps/lr/weight decay,
     and returns a ChainedOptimizer (dense, then expert parameters) that Megatron's training loop,
     scheduler, grad clipping, loss scaling and dist_checkpointing use as they use Adam's.
     ``matrix_params`` / ``adam_params`` (regexes on parameter names) force Muon (an error if it is
@@ -241,6 +243,10 @@ def get_megatron_optimizer(
     settings = MuonSettings.from_config(config)
     _refuse_unsupported(config, model_chunks, dump_param_to_param_group_map)
     pg = pg_collection if pg_collection is not None else ProcessGroupCollection.use_mpu_process_groups()
+    tp_size = max(get_pg_size(pg.tp), get_pg_size(getattr(pg, "expt_tp", None)))
+    for problem in settings.off_moonlight(tp_size):
+        log_single_rank(logger, logging.WARNING, f"muon_ds WARNING: not Moonlight's Muon: {problem}. "
+                        "From Python, start from muon_ds.megatron.moonlight_optimizer_config(...)")
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks,
                                                                        use_gloo_process_groups)
     describe_matrices(model_chunks, settings, pg, matrix_params, adam_params)
