@@ -27,7 +27,7 @@ TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1
              "bf16:precision=bf16,steps=2", "bf16nd:precision=bf16,distopt=0,steps=2",
              "fp16:precision=fp16,steps=3,poison=1",
              "full:steps=4", "first:steps=2,save=ckpt@2", "resumed:steps=4,load=ckpt",
-             "tp2first:tp=2,steps=2,save=ckpt_tp@2,reshardable=1",
+             "tp2first:tp=2,steps=2,save=ckpt_tp@2,reshardable=1", "tp2first_dp:tp=2,steps=2,save=ckpt_tp_dp@2",
              "nd_full:distopt=0,steps=4", "nd_first:distopt=0,steps=2,save=ckpt_nd@2",
              "nd_resumed:distopt=0,steps=4,load=ckpt_nd",
              "t_first:steps=2,save=ckpt_torch@2,format=torch", "t_resumed:steps=4,load=ckpt_torch,format=torch",
@@ -37,7 +37,7 @@ TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1
              "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch")
 ONE_RANK = ("ref:reference=1,steps=3", "gpt_ref:arch=gpt,reference=1,steps=3", "fused:reference=2,steps=3",
             "dp1clip:clip=0.05,steps=3", "resumed_dp1:steps=4,load=ckpt",
-            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
+            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "resumed_tp1_dp:steps=4,load=ckpt_tp_dp", "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
 FOUR_RANKS = ("tp2ep2:tp=2,ep=2,steps=3", "tp2dp2:tp=2,steps=3")
 ADAMW = ("embedding", "output_layer", "router", "layernorm", "norm.weight")
 
@@ -186,9 +186,12 @@ def test_resume_at_another_dp_size(runs: Path) -> None:
     _assert_same_training(runs, "resumed_dp1", reference="full")
 
 
-def test_resume_at_another_tp_size(runs: Path) -> None:
-    """Saved at TP=2 (gate/up interleaved shards), resumed at TP=1; compared with an uninterrupted DP run."""
-    _assert_same_training(runs, "resumed_tp1", reference="full", muon_tolerance=1e-3)
+@pytest.mark.parametrize("resumed", ["resumed_tp1", "resumed_tp1_dp"])
+def test_resume_at_another_tp_size(runs: Path, resumed: str) -> None:
+    """Saved at TP=2 (gate/up interleaved shards), resumed at TP=1; compared with an uninterrupted DP run.
+    The model-space state reshards whatever the metadata says: with Megatron-LM's
+    --dist-ckpt-optim-fully-reshardable ("fully_reshardable") and without it ("dp_reshardable")."""
+    _assert_same_training(runs, resumed, reference="full", muon_tolerance=1e-3)
 
 
 def test_dp2_with_many_buckets_equals_dp1(runs: Path) -> None:

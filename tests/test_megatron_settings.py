@@ -41,6 +41,18 @@ def test_moonlight_defaults_replace_megatrons_unless_given() -> None:
     assert (args.muon_momentum, args.muon_tp_mode, args.muon_use_nesterov) == (0.8, "blockwise", True)
 
 
+def test_distributed_optimizer_checkpoints_are_marked_fully_reshardable() -> None:
+    """Megatron-LM refuses to resume at another TP/PP size unless the checkpoint's metadata says
+    'fully_reshardable', which muon_ds's model-space state always is (test_resume_at_another_tp_size)."""
+    args = _megatron_defaults()
+    args.use_distributed_optimizer, args.dist_ckpt_optim_fully_reshardable = True, False
+    assert apply_moonlight_defaults(args, argv=[]).dist_ckpt_optim_fully_reshardable is True
+    local = _megatron_defaults()  # Megatron-LM's local (non-persistent) checkpoints refuse that type
+    local.use_distributed_optimizer, local.dist_ckpt_optim_fully_reshardable = True, False
+    local.non_persistent_ckpt_type = "local"
+    assert apply_moonlight_defaults(local, argv=[]).dist_ckpt_optim_fully_reshardable is False
+
+
 def test_no_nesterov_flag_is_registered() -> None:
     parser = add_arguments(argparse.ArgumentParser())
     assert parser.parse_args(["--muon-no-use-nesterov"]).muon_use_nesterov is False

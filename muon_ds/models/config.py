@@ -97,8 +97,9 @@ def _hidden_act(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
     return {"gated_linear_unit": True, "activation_func": F.silu, "bias_activation_fusion": False}
 
 
-def _rope_theta(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"rope_type": "rope", "rotary_base": float(value), "rotary_scaling_factor": 1.0}
+def _rope_theta(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"rope_type": "rope", **_number("rope_theta", float, "rotary_base", 1)(value, cfg),
+            "rotary_scaling_factor": 1.0}
 
 
 def _rope_parameters(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
@@ -124,8 +125,8 @@ def _num_key_value_heads(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _q_lora_rank(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"q_lora_rank": None if value is None else int(value)}
+def _q_lora_rank(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"q_lora_rank": None} if value is None else _number("q_lora_rank", int, "q_lora_rank", 1)(value, cfg)
 
 
 def _n_shared_experts(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
