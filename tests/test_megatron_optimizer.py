@@ -34,7 +34,11 @@ TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1
              "ep2_full:ep=2,steps=4", "ep2_t_first:ep=2,steps=2,save=ckpt_torch_ep@2,format=torch",
              "ep2_t_resumed:ep=2,steps=4,load=ckpt_torch_ep,format=torch",
              "bf16_full:precision=bf16,steps=4", "bf16_t_first:precision=bf16,steps=2,save=ckpt_torch_bf16@2,format=torch",
-             "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch")
+             "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch",
+             "tp2_full:tp=2,steps=4", "tp2_t_first:tp=2,steps=2,save=ckpt_torch_tp@2,format=torch",
+             "tp2_t_resumed:tp=2,steps=4,load=ckpt_torch_tp,format=torch",
+             "pp2_full:pp=2,steps=4", "pp2_t_first:pp=2,steps=2,save=ckpt_torch_pp@2,format=torch",
+             "pp2_t_resumed:pp=2,steps=4,load=ckpt_torch_pp,format=torch")
 ONE_RANK = ("ref:reference=1,steps=3", "gpt_ref:arch=gpt,reference=1,steps=3", "fused:reference=2,steps=3",
             "dp1clip:clip=0.05,steps=3", "resumed_dp1:steps=4,load=ckpt",
             "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "resumed_tp1_dp:steps=4,load=ckpt_tp_dp", "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
@@ -166,10 +170,12 @@ def test_resume_without_distributed_optimizer_is_exact(runs: Path) -> None:
 
 
 @pytest.mark.parametrize("resumed, full", [("t_resumed", "full"), ("ep2_t_resumed", "ep2_full"),
-                                           ("bf16_t_resumed", "bf16_full")])
+                                           ("bf16_t_resumed", "bf16_full"), ("tp2_t_resumed", "tp2_full"),
+                                           ("pp2_t_resumed", "pp2_full")])
 def test_resume_from_torch_format_with_distributed_optimizer_is_exact(runs: Path, resumed: str, full: str) -> None:
     """--ckpt-format torch with --use-distributed-optimizer (configs/megatron/*.args.sh): the model file,
-    the optimizer's state_dict and distrib_optim.pt (dense and expert members; fp32 and bf16 params)."""
+    the optimizer's state_dict and distrib_optim.pt (dense and expert members; fp32 and bf16 params; DP=2,
+    EP=2, TP=2 and PP=2: one distrib_optim.pt per model-parallel rank)."""
     run, reference = _load(runs, resumed)["weights"], _load(runs, full)["weights"]
     assert set(run) == set(reference)
     differ = [k for k in reference if not torch.equal(run[k], reference[k])]
