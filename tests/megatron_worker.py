@@ -132,6 +132,7 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from muon_ds.megatron import get_megatron_optimizer
+    from muon_ds.megatron.version import NESTEROV
     from muon_ds.models.config import mla_transformer_config
     from muon_ds.models.spec import build_moonlight_model
 
@@ -162,7 +163,7 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
     opt_config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=LR, weight_decay=WD, adam_beta1=0.9,
                                  adam_beta2=0.95, clip_grad=options["clip"],
                                  use_distributed_optimizer=bool(options["distopt"]),
-                                 muon_momentum=0.95, muon_use_nesterov=True, muon_scale_mode="spectral",
+                                 muon_momentum=0.95, muon_scale_mode="spectral", **{NESTEROV.attribute: True},
                                  muon_extra_scale_factor=0.2, muon_fp32_matmul_prec="high",
                                  muon_tp_mode=options["mode"], bf16=half is torch.bfloat16, fp16=half is torch.float16,
                                  initial_loss_scale=2.0**10)

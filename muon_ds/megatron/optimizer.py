@@ -43,7 +43,7 @@ import muon_ds
 from muon_ds.exchange import gather_owned, scatter_updates
 from muon_ds.matrices import Block, MatrixView, assign
 from muon_ds.megatron.arguments import MuonSettings
-from muon_ds.megatron.version import check_megatron_core
+from muon_ds.megatron.version import check_megatron_core, unsupported_settings
 from muon_ds.megatron.views import Sharding, megatron_views
 from muon_ds.optim import Muon
 from muon_ds.partition import GroupLayout
@@ -440,6 +440,7 @@ def _refuse_unsupported(config: OptimizerConfig, model_chunks: List[MegatronModu
         "overlap_param_gather_with_optimizer_step": config.overlap_param_gather_with_optimizer_step,
         "decoupled_weight_decay=False": not config.decoupled_weight_decay,
         "dump_param_to_param_group_map": dump_param_to_param_group_map is not None,
+        **unsupported_settings(config),
     }
     bad = [name for name, on in problems.items() if on]
     if bad:
