@@ -1,23 +1,23 @@
 """TEST SUPPORT ONLY: one rank of Megatron-LM's own ``pretrain_gpt.py`` on CPU (gloo), unmodified but for hardware.
 
-``python -m tests.pretrain_gpt_worker ROUTE TREE ARGS...`` (under tests.distributed.run_ranks): TREE is an
+``python -m tests.pretrain_gpt_worker ROUTE TREE ARGS...`` (under tests.distributed.run_ranks; triton on the path,
+tests/megatron_lm.py): TREE is an
 extracted Megatron-LM training-scripts archive (../shared/megatron-lm/), ROUTE ``launch`` runs its
 pretrain_gpt.py through ``muon_ds.megatron.launch`` (no patch), ``patched`` runs it directly (TREE carries
 patches/megatron-lm-core_v*-muon_ds.patch). The CPU stand-ins replace only what needs a GPU: the CUDA device
-and RNG calls (tests/megatron_cpu.py, tests/megatron_cpu_optim.py), the CUDA kernel build and JIT warm-up, the triton kernels
-megatron.training imports when triton is absent, and the dataset-helper build (the wheel ships the compiled helpers, but not the Makefile
+and RNG calls (tests/megatron_cpu.py, tests/megatron_cpu_optim.py), the CUDA kernel build and JIT warm-up, and the dataset-helper build (the wheel ships the compiled helpers, but not the Makefile
 Megatron-LM's initialisation runs).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import runpy
 import sys
 import types
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 
@@ -71,8 +71,6 @@ def _cpu_stand_ins() -> None:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
     torch.Tensor.to = _tensor_to(torch.Tensor.to)
     torch.Tensor.cuda = lambda self, *_args, **_kwargs: self
-    if importlib.util.find_spec("triton") is None:  # megatron-core 0.16.1's batch-invariant kernels need triton
-        sys.modules["megatron.core.transformer.custom_layers.batch_invariant_kernels"] = mock.MagicMock()
     torch.cuda.set_device = lambda *_args: None
     torch.cuda.get_rng_state = lambda *_args, **_kwargs: torch.get_rng_state()  # the CPU generator is the device's
     torch.cuda.device_count = lambda: 1  # one "device" per rank: Megatron then builds its parallel groups
@@ -86,7 +84,7 @@ def _cpu_stand_ins() -> None:
     from megatron.core.datasets import helpers_cpp  # noqa: F401  (fails here if no helpers for this Python)
 
     dataset_utils.compile_helpers = lambda: None
-    if importlib.util.find_spec("megatron.legacy.fused_kernels") is not None:  # core_v0.16.1 builds CUDA kernels
+    if importlib.util.find_spec("megatron.legacy") is not None:  # core_v0.16.1 builds its CUDA kernels
         import megatron.legacy.fused_kernels as fused_kernels
 
         fused_kernels.load = lambda *_args: None
@@ -96,7 +94,44 @@ def _cpu_stand_ins() -> None:
     initialize.torch = _TorchWithCuda("torch")  # initialize_megatron asserts torch.cuda.is_available()
 
 
+def _tensors(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if torch.is_tensor(value):
+        out[prefix] = value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _tensors(item, f"{prefix}/{key}", out)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _tensors(item, f"{prefix}/{index}", out)
+
+
+def checkpoint_tensors(iteration_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one saved iteration, by file and key path (``torch_dist`` read through torch DCP)."""
+    out: dict[str, torch.Tensor] = {}
+    if (iteration_dir / ".metadata").exists():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        flat = iteration_dir.parent / f"{iteration_dir.name}.flat.pt"
+        dcp_to_torch_save(iteration_dir, flat)
+        _tensors(torch.load(flat, weights_only=False), "dist", out)
+        flat.unlink()
+    for path in sorted(iteration_dir.rglob("*.pt")):
+        _tensors(torch.load(path, weights_only=False), str(path.relative_to(iteration_dir)), out)
+    return out
+
+
+def compare(a: Path, b: Path) -> dict[str, Any]:
+    """Which tensors of two saved iterations differ (bitwise), and which exist in only one."""
+    left, right = checkpoint_tensors(a), checkpoint_tensors(b)
+    return {"tensors": len(left), "only_one": sorted(set(left) ^ set(right)),
+            "differ": sorted(k for k in set(left) & set(right)
+                             if left[k].shape != right[k].shape or not torch.equal(left[k], right[k]))}
+
+
 def main(argv: list[str]) -> None:
+    if argv[0] == "compare":  # python -m tests.pretrain_gpt_worker compare ITER_DIR_A ITER_DIR_B
+        print("COMPARE " + json.dumps(compare(Path(argv[1]), Path(argv[2]))), flush=True)
+        return
     route, tree, args = argv[0], Path(argv[1]), argv[2:]
     sys.path.insert(0, str(tree))  # as running from TREE: its megatron/training beside the wheel's megatron/core
     _cpu_stand_ins()

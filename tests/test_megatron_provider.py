@@ -51,10 +51,11 @@ def _build(argv: list[str]) -> dict[str, Any]:
     import gpt_builders
     import megatron.training.arguments as arguments
     from megatron.training.global_vars import set_args
+    from megatron.training.tokenizer import build_tokenizer
 
     sys.argv = ["pretrain_gpt.py", *argv]
     args = arguments.validate_args(arguments.parse_args())
-    args.padded_vocab_size = args.vocab_size  # what the tokenizer set-up computes (divisible by 1)
+    build_tokenizer(args)  # sets args.padded_vocab_size, as Megatron-LM's start-up does
     set_args(args)
     try:
         model = gpt_builders.gpt_builder(args, pre_process=True, post_process=True)

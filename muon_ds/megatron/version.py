@@ -80,3 +80,9 @@ def training_optimizer_factory(training: object) -> str:
     """
     return "get_megatron_muon_optimizer" if hasattr(training, "get_megatron_muon_optimizer") else \
         "get_megatron_optimizer"
+
+
+def builds_gpt_from_model_config(argument_utils: object) -> bool:
+    """Whether Megatron-LM's pretrain_gpt.py builds the model from ``argument_utils.gpt_config_from_args(args)``
+    (a GPTModelConfig, core_v0.19.0) rather than through ``gpt_builders.gpt_builder`` (core_v0.16.1)."""
+    return hasattr(argument_utils, "gpt_config_from_args")

@@ -1,13 +1,22 @@
-"""TEST SUPPORT ONLY: a megatron-core 0.19 environment for Python 3.11, prepared from the package registry.
+"""TEST SUPPORT ONLY: the two megatron-core releases the Megatron tests run on, and Megatron-LM's training scripts.
+
+megatron-core 0.16.1 is the test venv's (a pyproject test extra). megatron-core 0.19 is prepared here for
+Python 3.11 from the package registry:
 
 megatron-core 0.17+ publishes only cp312 wheels, but its Python code runs on 3.11; its one compiled file,
 the dataset index helpers, is rebuilt here for this interpreter (from the helpers.cpp the wheel ships, with
 pybind11). It also needs ``triton`` (imported unconditionally by its MoE ops), which is installed beside it,
-not into the test venv, so the megatron-core 0.16.1 tests keep their environment.
+not into the test venv, so the megatron-core 0.16.1 tests keep their environment; tests/py311_compat gives
+Python 3.11 the ``typing.override`` that 0.19's code imports.
 
-``python -m tests.megatron_core_019`` (or :func:`prepare`) downloads, unpacks and builds once into
+``python -m tests.megatron_lm`` (or :func:`prepare`) downloads, unpacks and builds once into
 ``$MUON_DS_TEST_CACHE`` (default ``~/.cache/muon-ds-tests``) and prints the PYTHONPATH entries; later calls
-reuse the directory. :func:`pythonpath` is what tests put first on PYTHONPATH to run on 0.19.
+reuse the directory. :func:`pythonpath` is what tests put first on PYTHONPATH to run on 0.19. Megatron-LM's
+``pretrain_gpt.py`` (either release) also needs triton: :func:`pythonpath` ``(VERSION_016, triton=True)``.
+
+Megatron-LM itself is not on the registries: its training scripts (pretrain_gpt.py and megatron/training,
+without megatron/core) come as archives from ``$MEGATRON_LM_ARCHIVES`` (default ``../shared/megatron-lm``
+beside the checkout); :func:`training_scripts` extracts one.
 """
 
 from __future__ import annotations
@@ -18,11 +27,15 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 
-VERSION = "0.19.2"
+VERSION_016, VERSION = "0.16.1", "0.19.2"
+VERSIONS = (VERSION_016, VERSION)
+ARCHIVES = Path(os.environ.get("MEGATRON_LM_ARCHIVES", Path(__file__).resolve().parents[2] / "shared" / "megatron-lm"))
+ARCHIVE_TAGS = {VERSION_016: "core_v0.16.1", VERSION: "core_v0.19.0"}  # the Megatron-LM tag paired with each
 DEPENDENCIES = ("triton==3.9.0", "pybind11>=2.12")  # six (Megatron-LM's training scripts) is a test extra
 CACHE = Path(os.environ.get("MUON_DS_TEST_CACHE", Path.home() / ".cache" / "muon-ds-tests"))
 ROOT = CACHE / f"megatron-core-{VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
@@ -64,13 +77,32 @@ def prepare() -> list[Path]:
                 (Path(tmp) / "site").rename(SITE)
                 (Path(tmp) / "deps").rename(DEPS)
             DONE.write_text(VERSION)
-    return pythonpath()
-
-
-def pythonpath() -> list[Path]:
-    """The entries to put first on PYTHONPATH (after :func:`prepare`)."""
     return [SITE, DEPS]
 
 
+def pythonpath(version: str, triton: bool = False) -> list[Path]:
+    """The entries to put first on PYTHONPATH to run on ``version`` (preparing 0.19 first if needed): for 0.19 the
+    unpacked wheel, triton and the ``typing.override`` stand-in; for 0.16.1 (the venv's) triton if asked."""
+    if version == VERSION:
+        prepare()
+        return [SITE, DEPS, Path(__file__).parent / "py311_compat"]
+    if triton:
+        prepare()
+        return [DEPS]
+    return []
+
+
+def training_scripts(version: str, dest: Path) -> Path:
+    """Megatron-LM's training scripts of the tag paired with ``version``, extracted into ``dest``."""
+    archive = ARCHIVES / f"megatron-lm-{ARCHIVE_TAGS[version]}-training.tar.gz"
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive} not found: set MEGATRON_LM_ARCHIVES to the directory holding the "
+                                "Megatron-LM training-script archives")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
 if __name__ == "__main__":
-    print(os.pathsep.join(str(p) for p in prepare()))
+    print(os.pathsep.join(str(p) for p in pythonpath(VERSION)))
