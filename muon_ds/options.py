@@ -22,10 +22,18 @@ class MuonOptions(BaseModel):
     ns_steps: int = Field(5, ge=1)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    scale: Literal["moonlight", "spectral", "none"] = "moonlight"
+    scale: Literal["moonlight", "shape_scaling", "none"] = "moonlight"
     ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     muon_lr: Optional[float] = Field(None, ge=0)
     adam_lr: Optional[float] = Field(None, ge=0)
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale_not_spectral(cls, scale: Any) -> Any:
+        if scale == "spectral":  # one meaning per word: Megatron-LM's "spectral" is sqrt(max(A, B))
+            raise ValueError("'spectral' is not a muon_ds scale: sqrt(max(1, A / B)) is 'shape_scaling' (as in "
+                             "Megatron-LM, whose 'spectral' is sqrt(max(A, B)), i.e. 'moonlight' / 0.2)")
+        return scale
 
     @field_validator("betas")
     @classmethod

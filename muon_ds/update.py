@@ -6,19 +6,21 @@ import math
 
 import torch
 
-SCALE_MODES = ("moonlight", "spectral", "none")
+SCALE_MODES = ("moonlight", "shape_scaling", "none")
+MOONLIGHT_RMS = 0.2  # Moonlight's update RMS, AdamW's typical one
 
 
 def update_scale(shape: tuple[int, int], mode: str) -> float:
     """Factor on the orthogonalized update of an A x B matrix.
 
     moonlight: 0.2 * sqrt(max(A, B)) gives the update AdamW's RMS (about 0.2), so AdamW's lr and
-    weight decay carry over; spectral: sqrt(max(1, A / B)) (Keller Jordan's Muon); none: 1.
+    weight decay carry over; shape_scaling: sqrt(max(1, A / B)) (Keller Jordan's Muon; Megatron-LM's
+    name for it); none: 1.
     """
     rows, cols = shape
     if mode == "moonlight":
-        return 0.2 * math.sqrt(max(rows, cols))
-    if mode == "spectral":
+        return MOONLIGHT_RMS * math.sqrt(max(rows, cols))
+    if mode == "shape_scaling":
         return math.sqrt(max(1.0, rows / cols))
     if mode == "none":
         return 1.0

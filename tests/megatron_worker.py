@@ -14,6 +14,7 @@ numbered globally).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -24,12 +25,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from muon_ds.glu_layout import shard_glu, unshard_glu
 from tests import megatron_cpu, megatron_cpu_optim
 
 TINY = json.loads((Path(__file__).parent / "data" / "moonlight-tiny.config.json").read_text())
 BATCH, SEQ, LR, WD = 4, 16, 0.02, 0.1
 DEFAULTS = dict(tp=1, ep=1, mode="distributed", distopt=1, steps=3, save="", load="", reference=0, clip=0.0,
-                bucket=0, overlap=0, precision="fp32", poison=-1, reshardable=0, pp=1, arch="moonlight")
+                bucket=0, overlap=0, precision="fp32", poison=-1, reshardable=0, pp=1, arch="moonlight",
+                format="torch_dist", config="moonlight")
 
 
 def parse(spec: str) -> tuple[str, dict[str, Any]]:
@@ -70,8 +73,7 @@ def _split(name: str, param: torch.Tensor, full: torch.Tensor, size: int, rank: 
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
     if _is_gated_fc1(name):
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
+        return shard_glu(*full.chunk(2, dim=0), size, rank)
     return full.chunk(size, dim=param.partition_dim)[rank]
 
 
@@ -85,8 +87,7 @@ def _gather(name: str, param: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(data) for _ in range(size)]
     dist.all_gather(parts, data.contiguous(), group=group)
     if _is_gated_fc1(name):
-        halves = [p.chunk(2) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+        return torch.cat(unshard_glu(parts))
     return torch.cat(parts, dim=param.partition_dim)
 
 
@@ -131,8 +132,7 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    from muon_ds.megatron import get_megatron_optimizer
-    from muon_ds.megatron.version import NESTEROV
+    from muon_ds.megatron import get_megatron_optimizer, moonlight_optimizer_config
     from muon_ds.models.config import mla_transformer_config
     from muon_ds.models.spec import build_moonlight_model
 
@@ -160,13 +160,13 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
                                                overlap_grad_reduce=bool(options["overlap"]),
                                                overlap_param_gather=bool(options["overlap"]))
     ddp = DistributedDataParallel(config, ddp_config, model)
-    opt_config = OptimizerConfig(optimizer="adam", lr=LR, min_lr=LR, weight_decay=WD, adam_beta1=0.9,
-                                 adam_beta2=0.95, clip_grad=options["clip"],
-                                 use_distributed_optimizer=bool(options["distopt"]),
-                                 muon_momentum=0.95, muon_scale_mode="spectral", **{NESTEROV.attribute: True},
-                                 muon_extra_scale_factor=0.2, muon_fp32_matmul_prec="high",
-                                 muon_tp_mode=options["mode"], bf16=half is torch.bfloat16, fp16=half is torch.float16,
-                                 initial_loss_scale=2.0**10)
+    common = dict(lr=LR, min_lr=LR, weight_decay=WD, adam_beta1=0.9, adam_beta2=0.95, clip_grad=options["clip"],
+                  use_distributed_optimizer=bool(options["distopt"]), bf16=half is torch.bfloat16,
+                  fp16=half is torch.float16, initial_loss_scale=2.0**10)
+    if options["config"] == "megatron":  # megatron-core's own dataclass defaults for muon_*
+        opt_config = OptimizerConfig(optimizer="muon", **common)
+    else:  # the Python route to Moonlight's settings (NS in float32 for the comparisons)
+        opt_config = moonlight_optimizer_config(muon_fp32_matmul_prec="high", muon_tp_mode=options["mode"], **common)
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     return ddp, optimizer, config
 
@@ -282,20 +282,49 @@ def checkpoint_metadata(fully_reshardable: bool) -> dict[str, Any]:
             "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
-def save_checkpoint(ddp: Any, optimizer: Any, directory: str, fully_reshardable: bool) -> None:
+def _torch_format_files(directory: str) -> tuple[Path, Path]:
+    """Megatron-LM's ``--ckpt-format torch`` files of this rank: its model/optimizer file (one per rank
+    here; Megatron-LM writes it on expert-DP rank 0) and the distributed optimizer's ``distrib_optim.pt``
+    of its (TP, PP, EP) ranks, written by DP rank 0."""
+    from megatron.core import parallel_state as ps
+
+    mp = Path(directory) / (f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}_"
+                            f"{ps.get_pipeline_model_parallel_rank():03d}_{ps.get_expert_model_parallel_rank():03d}")
+    return mp / f"model_optim_rng.rank{dist.get_rank()}.pt", mp / "distrib_optim.pt"
+
+
+def save_checkpoint(ddp: Any, optimizer: Any, directory: str, options: dict[str, Any]) -> None:
+    """As Megatron-LM's save_checkpoint does it for ``--ckpt-format`` torch_dist or torch."""
     from megatron.core import dist_checkpointing
 
-    metadata = checkpoint_metadata(fully_reshardable)
+    if options["format"] == "torch":
+        model_file, optim_file = _torch_format_files(directory)
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        if options["distopt"]:
+            optimizer.save_parameter_state(str(optim_file))
+        torch.save({"model": ddp.module.state_dict_for_save_checkpoint(), "optimizer": optimizer.state_dict()},
+                   model_file)
+        return
+    metadata = checkpoint_metadata(bool(options["reshardable"]))
     model_state = ddp.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, metadata=metadata)}
     Path(directory).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(state, directory)
 
 
-def load_checkpoint(ddp: Any, optimizer: Any, directory: str, fully_reshardable: bool) -> None:
+def load_checkpoint(ddp: Any, optimizer: Any, directory: str, options: dict[str, Any]) -> None:
+    """As Megatron-LM's load_checkpoint does it for ``--ckpt-format`` torch_dist or torch."""
     from megatron.core import dist_checkpointing
 
-    metadata = checkpoint_metadata(fully_reshardable)
+    if options["format"] == "torch":
+        model_file, optim_file = _torch_format_files(directory)
+        state = torch.load(model_file, weights_only=False)
+        ddp.module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if options["distopt"]:
+            optimizer.load_parameter_state(str(optim_file))
+        return
+    metadata = checkpoint_metadata(bool(options["reshardable"]))
     model_state = ddp.module.sharded_state_dict(metadata=metadata)
     state = {"model": model_state,
              "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)}
@@ -304,14 +333,30 @@ def load_checkpoint(ddp: Any, optimizer: Any, directory: str, fully_reshardable:
     optimizer.load_state_dict(loaded["optimizer"])
 
 
+class _Warnings(logging.Handler):
+    """The warnings muon_ds logs while building the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def run(name: str, options: dict[str, Any], out: Path) -> None:
-    ddp, optimizer, _config = build(options)
+    warned = _Warnings()
+    logging.getLogger("muon_ds").addHandler(warned)
+    try:
+        ddp, optimizer, _config = build(options)
+    finally:
+        logging.getLogger("muon_ds").removeHandler(warned)
     # reference=1: Moonlight's split; reference=2: fused gate/up (a positive control the check must catch)
     reference = Reference(ddp.module, options["reference"] == 1) if options["reference"] else None
     initial = weights(ddp.module)
     first = 0
     if options["load"]:
-        load_checkpoint(ddp, optimizer, str(out / options["load"]), bool(options["reshardable"]))
+        load_checkpoint(ddp, optimizer, str(out / options["load"]), options)
         first = int(json.loads((out / options["load"] / "muon_test_step.json").read_text()))
     errors = []
     skipped_intact = None
@@ -328,7 +373,7 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
             errors.append(reference.error())
         if options["save"] and step + 1 == int(options["save"].split("@")[1]):
             directory = out / options["save"].split("@")[0]
-            save_checkpoint(ddp, optimizer, str(directory), bool(options["reshardable"]))
+            save_checkpoint(ddp, optimizer, str(directory), options)
             if dist.get_rank() == 0:
                 (directory / "muon_test_step.json").write_text(json.dumps(step + 1))
     if options["overlap"]:
@@ -336,6 +381,7 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
     layouts = [layout for o in optimizer.chained_optimizers if o.optimizer is not None
                for layout in o.optimizer.layouts.values()]
     result = {"weights": weights(ddp.module), "initial": initial, "reference_errors": errors,
+              "warnings": warned.messages,
               "skipped_intact": skipped_intact, "loss_scale": float(optimizer.get_loss_scale()),
               "gathers": sum(len(layout.plan.gathers) for layout in layouts),
               "ns_flops": [sum(layout.plan.flops[r] for layout in layouts) for r in range(layouts[0].plan.world_size)]}

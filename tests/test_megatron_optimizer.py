@@ -3,8 +3,8 @@
 Two launches run every scenario (megatron-core's import dominates the time): 2 ranks train with
 DP=2 (distributed optimizer, without it, with overlapped grad reduce / param gather and small
 buckets, with clipping), TP=2 (+SP), EP=2, PP=2, TP=2 blockwise, bf16, fp16 with an overflow, and
-save / resume distributed checkpoints; then 1 rank trains the DP=1 run next to muon_ds's
-single-process Muon and resumes the DP=2 and TP=2 checkpoints; 4 ranks train TP=2 x EP=2 and
+save / resume checkpoints in both of Megatron-LM's formats (torch_dist, torch); then 1 rank trains the DP=1 run next to muon_ds's
+single-process Muon and resumes the DP=2 and TP=2 checkpoints (torch_dist, and torch for DP=2); 4 ranks train TP=2 x EP=2 and
 TP=2 x DP=2. Weights are compared after 3-4 steps with NS in float32.
 """
 
@@ -23,16 +23,21 @@ WORKER = "tests.megatron_worker"
 TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1,steps=3",
              "dp2buckets:bucket=4000,overlap=1,steps=3", "dp2clip:clip=0.05,steps=3",
              "tp2:tp=2,steps=3", "tp2block:tp=2,mode=blockwise,steps=3", "ep2:ep=2,steps=3", "pp2:pp=2,steps=3",
-             "gpt_tp2:arch=gpt,tp=2,steps=3",
+             "gpt_tp2:arch=gpt,tp=2,steps=3", "tp2_megatron_defaults:tp=2,config=megatron,steps=3",
              "bf16:precision=bf16,steps=2", "bf16nd:precision=bf16,distopt=0,steps=2",
              "fp16:precision=fp16,steps=3,poison=1",
              "full:steps=4", "first:steps=2,save=ckpt@2", "resumed:steps=4,load=ckpt",
              "tp2first:tp=2,steps=2,save=ckpt_tp@2,reshardable=1",
              "nd_full:distopt=0,steps=4", "nd_first:distopt=0,steps=2,save=ckpt_nd@2",
-             "nd_resumed:distopt=0,steps=4,load=ckpt_nd")
+             "nd_resumed:distopt=0,steps=4,load=ckpt_nd",
+             "t_first:steps=2,save=ckpt_torch@2,format=torch", "t_resumed:steps=4,load=ckpt_torch,format=torch",
+             "ep2_full:ep=2,steps=4", "ep2_t_first:ep=2,steps=2,save=ckpt_torch_ep@2,format=torch",
+             "ep2_t_resumed:ep=2,steps=4,load=ckpt_torch_ep,format=torch",
+             "bf16_full:precision=bf16,steps=4", "bf16_t_first:precision=bf16,steps=2,save=ckpt_torch_bf16@2,format=torch",
+             "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch")
 ONE_RANK = ("ref:reference=1,steps=3", "gpt_ref:arch=gpt,reference=1,steps=3", "fused:reference=2,steps=3",
             "dp1clip:clip=0.05,steps=3", "resumed_dp1:steps=4,load=ckpt",
-            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1")
+            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
 FOUR_RANKS = ("tp2ep2:tp=2,ep=2,steps=3", "tp2dp2:tp=2,steps=3")
 ADAMW = ("embedding", "output_layer", "router", "layernorm", "norm.weight")
 
@@ -139,6 +144,16 @@ def test_blockwise_differs_from_full(runs: Path) -> None:
     assert max(errors.values()) > 0.05
 
 
+def test_megatron_core_defaults_from_python_are_warned_about(runs: Path) -> None:
+    """OptimizerConfig(optimizer="muon") from Python gets megatron-core's dataclass defaults (blockwise TP NS,
+    5x Moonlight's scale): training is off Moonlight, and the start-up log says so; moonlight_optimizer_config
+    (every other scenario) warns about nothing."""
+    warned = _load(runs, "tp2_megatron_defaults")["results"][0]["warnings"]
+    assert any("blockwise" in w for w in warned) and any("spectral x 1" in w for w in warned), warned
+    assert _load(runs, "tp2")["results"][0]["warnings"] == []
+    assert max(_errors(_load(runs, "tp2_megatron_defaults"), _load(runs, "ref")).values()) > 0.5
+
+
 def test_resume_from_dist_checkpoint_is_exact(runs: Path) -> None:
     errors = _errors(_load(runs, "resumed"), _load(runs, "full"))
     assert max(errors.values()) == 0.0, max(errors.items(), key=lambda kv: kv[1])
@@ -148,6 +163,22 @@ def test_resume_without_distributed_optimizer_is_exact(runs: Path) -> None:
     """Megatron's FP32Optimizer wrapper (no distributed optimizer): its own sharded state dict format."""
     errors = _errors(_load(runs, "nd_resumed"), _load(runs, "nd_full"))
     assert max(errors.values()) == 0.0, max(errors.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.parametrize("resumed, full", [("t_resumed", "full"), ("ep2_t_resumed", "ep2_full"),
+                                           ("bf16_t_resumed", "bf16_full")])
+def test_resume_from_torch_format_with_distributed_optimizer_is_exact(runs: Path, resumed: str, full: str) -> None:
+    """--ckpt-format torch with --use-distributed-optimizer (configs/megatron/*.args.sh): the model file,
+    the optimizer's state_dict and distrib_optim.pt (dense and expert members; fp32 and bf16 params)."""
+    run, reference = _load(runs, resumed)["weights"], _load(runs, full)["weights"]
+    assert set(run) == set(reference)
+    differ = [k for k in reference if not torch.equal(run[k], reference[k])]
+    assert not differ, differ[:3]
+
+
+def test_torch_format_resumes_at_another_dp_size(runs: Path) -> None:
+    """distrib_optim.pt is in buffer space without padding: saved at DP=2, resumed at DP=1."""
+    _assert_same_training(runs, "t_resumed_dp1", reference="full")
 
 
 def test_resume_at_another_dp_size(runs: Path) -> None:

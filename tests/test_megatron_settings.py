@@ -12,7 +12,13 @@ import torch
 pytest.importorskip("megatron.core")
 
 from muon_ds.matrices import Block  # noqa: E402
-from muon_ds.megatron import MuonSettings, add_arguments, apply_moonlight_defaults, check_megatron_core  # noqa: E402
+from muon_ds.megatron import (  # noqa: E402
+    MuonSettings,
+    add_arguments,
+    apply_moonlight_defaults,
+    check_megatron_core,
+    moonlight_optimizer_config,
+)
 from muon_ds.megatron.optimizer import describe_matrices  # noqa: E402
 from muon_ds.megatron.version import NESTEROV  # noqa: E402
 from muon_ds.megatron.views import Sharding, global_name, megatron_views  # noqa: E402
@@ -61,8 +67,31 @@ def test_bad_muon_value_is_named(field: str, value: object, flag: str) -> None:
 def test_scale_modes_map_to_muon_ds() -> None:
     config = _megatron_defaults()
     assert MuonSettings.from_config(config).core_scale == ("moonlight", 5.0)  # Megatron's sqrt(max(A, B)) x 1
-    config.muon_scale_mode = "shape_scaling"
-    assert MuonSettings.from_config(config).core_scale == ("spectral", 1.0)
+    config.muon_scale_mode = "shape_scaling"  # sqrt(max(1, A / B)), the same word in both
+    assert MuonSettings.from_config(config).core_scale == ("shape_scaling", 1.0)
+
+
+def test_python_route_gets_the_command_lines_moonlight_settings() -> None:
+    """moonlight_optimizer_config (Python) and apply_moonlight_defaults (command line) agree, overrides win."""
+    config = moonlight_optimizer_config(lr=2e-4, weight_decay=0.1, muon_num_ns_steps=6)
+    assert (config.optimizer, config.lr, config.weight_decay) == ("muon", 2e-4, 0.1)
+    parsed = _megatron_defaults()
+    parsed.muon_num_ns_steps = 6  # as argparse sets it from the flag
+    cli = MuonSettings.from_config(apply_moonlight_defaults(parsed, argv=["--muon-num-ns-steps", "6"]))
+    assert MuonSettings.from_config(config) == cli
+    assert MuonSettings.from_config(config).off_moonlight(tp_size=8) == []
+    with pytest.raises(ValueError, match="--muon-tp-mode"):
+        moonlight_optimizer_config(muon_tp_mode="sideways")
+
+
+def test_megatron_core_dataclass_defaults_are_named_as_not_moonlight() -> None:
+    """OptimizerConfig(optimizer="muon") alone: blockwise TP Newton-Schulz and 5x Moonlight's scale."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    settings = MuonSettings.from_config(OptimizerConfig(optimizer="muon"))
+    tp2 = settings.off_moonlight(tp_size=2)
+    assert len(tp2) == 2 and "blockwise" in tp2[0] and "spectral x 1" in tp2[1]
+    assert len(settings.off_moonlight(tp_size=1)) == 1  # blockwise is whole-matrix at TP=1
 
 
 def _param(rows: int, cols: int, partition_dim: int = -1) -> torch.nn.Parameter:

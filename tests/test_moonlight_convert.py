@@ -13,6 +13,7 @@ from muon_ds.convert.hf_to_megatron import hf_to_megatron
 from muon_ds.convert.layout import Parallelism
 from muon_ds.convert.megatron_to_hf import megatron_to_hf
 from muon_ds.convert.random_hf import write_random_hf_checkpoint
+from muon_ds.glu_layout import shard_glu
 from muon_ds.models.config import UnmappableConfigError
 
 TINY = json.loads((Path(__file__).parent / "data" / "moonlight-tiny.config.json").read_text())
@@ -60,7 +61,7 @@ def test_rank_files_hold_megatron_tp_pieces(hf_dir: Path, tmp_path: Path) -> Non
     model = rank["model"]
     fc1 = model["decoder.layers.1.mlp.experts.local_experts.0.linear_fc1.weight"]  # global expert 2, TP rank 1
     gate, up = hf["model.layers.1.mlp.experts.2.gate_proj.weight"], hf["model.layers.1.mlp.experts.2.up_proj.weight"]
-    assert torch.equal(fc1, torch.cat([gate.chunk(2)[1], up.chunk(2)[1]]))
+    assert torch.equal(fc1, shard_glu(gate, up, tp_size=2, tp_rank=1))
     kv_down = model["decoder.layers.0.self_attention.linear_kv_down_proj.weight"]
     assert torch.equal(kv_down, hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"])  # TP-replicated
 

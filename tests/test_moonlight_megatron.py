@@ -90,3 +90,20 @@ def test_te_backend_without_transformer_engine_is_a_clear_error() -> None:
 
     with pytest.raises(ImportError, match="needs TransformerEngine"):
         backend("te")
+
+
+def test_verify_cli_runs_on_a_cpu_only_torch(hf_dir: Path, tmp_path: Path) -> None:
+    """`muon-ds convert verify --device cpu` as a user runs it: a fresh process without the tests' CPU
+    stand-ins, CUDA hidden (conversion jobs often run on CPU nodes)."""
+    import os
+    import subprocess
+    import sys
+
+    hf_to_megatron(hf_dir, tmp_path / "mg", Parallelism(), progress=False)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo),
+               MASTER_PORT=str(megatron_cpu.free_port()))
+    run = subprocess.run([sys.executable, "-m", "muon_ds.cli", "convert", "verify", "--hf", str(hf_dir),
+                          "--megatron", str(tmp_path / "mg"), "--device", "cpu", "--tokens", "16"],
+                         env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and ": OK" in run.stdout, run.stdout + run.stderr[-3000:]

@@ -30,3 +30,13 @@ def test_side_overrides_are_ratios_so_schedulers_drive_both() -> None:
     assert opts.lr_ratio(use_muon=False) == 1.0
     with pytest.raises(ValueError, match="non-zero lr"):
         MuonOptions.parse({"lr": 0.0, "adam_lr": 1e-3}).lr_ratio(use_muon=False)
+
+
+def test_one_meaning_per_scale_word() -> None:
+    """sqrt(max(1, A / B)) is "shape_scaling", as in Megatron-LM; "spectral" (Megatron-LM's sqrt(max(A, B)))
+    is refused with the mapping instead of meaning something else here."""
+    from muon_ds.update import update_scale
+
+    assert update_scale((8, 2), MuonOptions.parse({"scale": "shape_scaling"}).scale) == 2.0
+    with pytest.raises(ValueError, match="scale: .*'shape_scaling'"):
+        MuonOptions.parse({"scale": "spectral"})

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from muon_ds.glu_layout import shard_glu, unshard_glu
 from muon_ds.models.config import moe_layer_pattern
 
 __all__ = ["Parallelism", "Entry", "hf_shapes", "rank_entries", "shard", "unshard", "stage_layers"]
@@ -225,9 +226,8 @@ def shard(tensors: list[torch.Tensor], split: str, tp: int, tp_rank: int) -> tor
         return tensors[0].chunk(tp, dim=0)[tp_rank].clone()
     if split == ROW:
         return tensors[0].chunk(tp, dim=1)[tp_rank].clone()
-    if split == GLU:  # each rank holds [its gate rows; its up rows]
-        gate, up = tensors
-        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
+    if split == GLU:
+        return shard_glu(*tensors, tp, tp_rank)
     raise ValueError(f"unknown split {split!r}")
 
 
@@ -244,6 +244,5 @@ def unshard(pieces: list[torch.Tensor], split: str) -> list[torch.Tensor]:
     if split == ROW:
         return [torch.cat(pieces, dim=1)]
     if split == GLU:
-        halves = [p.chunk(2, dim=0) for p in pieces]
-        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+        return list(unshard_glu(pieces))
     raise ValueError(f"unknown split {split!r}")

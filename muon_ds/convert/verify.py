@@ -7,9 +7,11 @@ world whose sizes match the checkpoint (pipeline parallel checkpoints: convert a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -56,7 +58,22 @@ def init_verify_world(tp: int, ep: int, device: torch.device) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(0)
+    model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)  # no dropout to seed; runs without CUDA
+
+
+@contextlib.contextmanager
+def _cuda_device_named_cpu(device: torch.device) -> Iterator[None]:
+    """megatron-core's MLA builds and computes its RoPE frequencies on ``torch.cuda.current_device()``
+    whatever ``use_cpu_initialization`` says, which raises on a CPU-only torch: on CPU it names the CPU."""
+    if device.type != "cpu":
+        yield
+        return
+    current_device = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = current_device
 
 
 def load_megatron_model(megatron_dir: Path, device: torch.device) -> torch.nn.Module:
@@ -79,6 +96,8 @@ def load_megatron_model(megatron_dir: Path, device: torch.device) -> torch.nn.Mo
         params_dtype=torch.float32,
         use_cpu_initialization=device.type == "cpu",
         perform_initialization=False,
+        # the all-to-all dispatcher needs CUDA streams; all-gather routes tokens alike without them
+        **({"moe_token_dispatcher_type": "allgather"} if device.type == "cpu" else {}),
     )
     model = build_moonlight_model(config, arch.vocab_size, arch.max_sequence_length, parallel_output=False)
     path = rank_file(megatron_dir, par, ps.get_tensor_model_parallel_rank(), 0, ps.get_expert_model_parallel_rank())
@@ -118,7 +137,8 @@ def verify_checkpoint(
     _, hf = read_layout(megatron_dir)
     vocab = int(hf["vocab_size"])
     tokens = torch.randint(0, vocab, (batch, num_tokens), generator=torch.Generator().manual_seed(seed))
-    ours = megatron_logits(load_megatron_model(megatron_dir, device), tokens.to(device)).float().cpu()
+    with _cuda_device_named_cpu(device):
+        ours = megatron_logits(load_megatron_model(megatron_dir, device), tokens.to(device)).float().cpu()
     stats = torch.zeros(2)
     if dist.get_rank() == 0:
         with torch.no_grad():

@@ -1,10 +1,11 @@
-"""Megatron-LM's ``--muon-*`` arguments with Moonlight's defaults, and their mapping onto muon_ds's Muon.
+"""Megatron's ``muon_*`` settings with Moonlight's defaults, and their mapping onto muon_ds's Muon.
 
-Names and meanings are Megatron-LM core_v0.16.1's (megatron/training/arguments.py), so a script
-written for Megatron's Muon runs as is. When muon_ds provides ``--optimizer muon`` the defaults
-are Moonlight's: momentum 0.95 with Nesterov, update scale 0.2 x sqrt(max(A, B)) (Megatron's
-``spectral`` mode times an extra factor 0.2) and full-matrix Newton-Schulz under tensor
-parallelism. A flag given on the command line always wins.
+Names and meanings are Megatron-LM core_v0.16.1's (megatron/training/arguments.py and megatron-core's
+OptimizerConfig), so a script written for Megatron's Muon runs as is. Moonlight's defaults are
+momentum 0.95 with Nesterov, update scale 0.2 x sqrt(max(A, B)) (Megatron's ``spectral`` mode times
+an extra factor 0.2) and full-matrix Newton-Schulz under tensor parallelism; :data:`MOONLIGHT_DEFAULTS`
+is their one definition, applied on the command line (:func:`apply_moonlight_defaults`: a flag
+given always wins) and from Python (:func:`moonlight_optimizer_config`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from typing import Any, Optional, Sequence
 
 from muon_ds.megatron.version import NESTEROV
 from muon_ds.megatron.views import TP_MODES
+from muon_ds.update import MOONLIGHT_RMS
 
-SCALE_MODES = ("spectral", "shape_scaling", "unit_rms_norm")
+# Megatron-LM's --muon-scale-mode -> (muon_ds's scale mode, the factor muon_ds's mode has over Megatron's).
+# Megatron's "spectral" is sqrt(max(A, B)) = muon_ds's "moonlight" (0.2 sqrt(max(A, B))) / 0.2; its
+# "shape_scaling", sqrt(max(1, A / B)), is muon_ds's "shape_scaling".
+MEGATRON_SCALE_MODES = {"spectral": ("moonlight", MOONLIGHT_RMS), "shape_scaling": ("shape_scaling", 1.0)}
+SCALE_MODES = (*MEGATRON_SCALE_MODES, "unit_rms_norm")
 FP32_MATMUL_PRECISIONS = ("low", "medium", "high")
 
 # attribute -> (Moonlight default, the command-line flags that set it explicitly)
@@ -30,8 +36,24 @@ MOONLIGHT_DEFAULTS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "muon_fp32_matmul_prec": ("medium", ("--muon-fp32-matmul-prec",)),
     "muon_num_ns_steps": (5, ("--muon-num-ns-steps",)),
     "muon_tp_mode": ("distributed", ("--muon-tp-mode",)),
-    "muon_extra_scale_factor": (0.2, ("--muon-extra-scale-factor",)),
+    "muon_extra_scale_factor": (MOONLIGHT_RMS, ("--muon-extra-scale-factor",)),
 }
+
+
+def moonlight_optimizer_config(**overrides: Any) -> Any:
+    """megatron-core's ``OptimizerConfig`` for ``--optimizer muon`` with Moonlight's Muon settings.
+
+    The Python route (Megatron-Bridge / NeMo-style code) to what the command line gets: megatron-core's
+    own dataclass defaults for ``muon_*`` are not Moonlight's (blockwise TP Newton-Schulz, 5x the
+    update). Any OptimizerConfig field can be overridden, e.g.
+    ``moonlight_optimizer_config(lr=2e-4, weight_decay=0.1, bf16=True, use_distributed_optimizer=True)``.
+    """
+    from megatron.core.optimizer import OptimizerConfig
+
+    values = {"optimizer": "muon", **{attribute: value for attribute, (value, _) in MOONLIGHT_DEFAULTS.items()}}
+    config = OptimizerConfig(**{**values, **overrides})
+    MuonSettings.from_config(config)  # a bad override is named now, not at the first step
+    return config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -98,7 +120,8 @@ class MuonSettings:
                 raise ValueError(f"muon_{key} ({flag}) must be one of {list(choices)}, got {values[key]!r}")
         if values["scale_mode"] == "unit_rms_norm":
             raise ValueError("muon_scale_mode (--muon-scale-mode) 'unit_rms_norm' is not supported by muon_ds; "
-                             "use 'spectral' (Moonlight, with --muon-extra-scale-factor 0.2) or 'shape_scaling'")
+                             f"use 'spectral' (Moonlight, with --muon-extra-scale-factor {MOONLIGHT_RMS}) or "
+                             "'shape_scaling'")
         factor = values["extra_scale_factor"]
         if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 0):
             raise ValueError(f"muon_extra_scale_factor (--muon-extra-scale-factor) must be a positive number, "
@@ -107,14 +130,23 @@ class MuonSettings:
 
     @property
     def core_scale(self) -> tuple[str, float]:
-        """muon_ds's scale mode and the multiplier that give Megatron's ``scale_mode`` x ``extra_scale_factor``.
+        """muon_ds's scale mode and the multiplier that give Megatron's ``scale_mode`` x ``extra_scale_factor``
+        (see :data:`MEGATRON_SCALE_MODES`)."""
+        mode, factor = MEGATRON_SCALE_MODES[self.scale_mode]
+        return mode, self.extra_scale_factor / factor
 
-        Megatron's spectral is sqrt(max(A, B)), which is muon_ds's "moonlight" (0.2 sqrt(max(A, B))) / 0.2;
-        its shape_scaling, sqrt(max(1, A / B)), is muon_ds's "spectral".
-        """
-        if self.scale_mode == "spectral":
-            return "moonlight", self.extra_scale_factor / 0.2
-        return "spectral", float(self.extra_scale_factor)
+    def off_moonlight(self, tp_size: int) -> list[str]:
+        """Why these settings are not Moonlight's under TP size ``tp_size``: a layout-dependent update, another
+        scale (empty: they are Moonlight's in these respects)."""
+        problems = []
+        if self.tp_mode == "blockwise" and tp_size > 1:
+            problems.append(f"muon_tp_mode='blockwise' (--muon-tp-mode blockwise) orthogonalizes each of the "
+                            f"{tp_size} tensor-parallel shards separately, so the update depends on the TP size; "
+                            "Moonlight orthogonalizes whole matrices: muon_tp_mode='distributed'")
+        if self.core_scale != ("moonlight", 1.0):
+            problems.append(f"the update scale is {self.scale_mode} x {self.extra_scale_factor:g}, not Moonlight's "
+                            f"0.2 sqrt(max(A, B)) (spectral x {MOONLIGHT_RMS}), so AdamW's lr does not carry over")
+        return problems
 
     @property
     def ns_dtype(self) -> str:

@@ -7,32 +7,20 @@ logical matrices each of its tensors holds (a TP block, a distributed-optimizer 
 it). The exchange plan then gathers whole matrices to owners spread over the ranks of the
 pipeline stage (data- and tensor-parallel together, balanced by Newton-Schulz FLOPs), and sends
 each holder its piece of the update: TP=2 and DP=2 give the same weights as one rank.
+How the wrappers save and load Muon's state is :mod:`muon_ds.megatron.checkpoint`'s business.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-from dataclasses import replace
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer import _get_param_groups_and_buffers
-from megatron.core.optimizer import distrib_optimizer as megatron_distrib_optimizer
-from megatron.core.optimizer import optimizer as megatron_optimizer
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer, Range
 from megatron.core.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler, MegatronGradScaler
-from megatron.core.optimizer.optimizer import (
-    ChainedOptimizer,
-    Float16OptimizerWithFloat16Params,
-    FP32Optimizer,
-    MegatronOptimizer,
-)
+from megatron.core.optimizer.optimizer import ChainedOptimizer, MegatronOptimizer
 from megatron.core.optimizer.optimizer_config import OptimizerConfig, ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -40,231 +28,15 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_model_config, get_pg_rank, get_pg_size, log_single_rank
 
 import muon_ds
-from muon_ds.exchange import gather_owned, scatter_updates
-from muon_ds.matrices import Block, MatrixView, assign
+from muon_ds.matrices import MatrixView, assign
 from muon_ds.megatron.arguments import MuonSettings
+from muon_ds.megatron.checkpoint import MegatronMuon, MuonDistributedOptimizer, MuonFloat16Optimizer, MuonFP32Optimizer
 from muon_ds.megatron.version import check_megatron_core, unsupported_settings
 from muon_ds.megatron.views import Sharding, megatron_views
-from muon_ds.optim import Muon
 from muon_ds.partition import GroupLayout
-from muon_ds.plan import ExchangePlan, Holding, Matrix, Piece, make_plan
+from muon_ds.plan import Holding, Matrix, Piece, make_plan
 
 logger = logging.getLogger(__name__)
-
-
-class MegatronMuon(Muon):
-    """muon_ds's Muon with the state layout megatron-core's checkpointing expects.
-
-    Every tensor carries a ``step`` (Megatron saves one step shared by all tensors), state exists
-    from construction on (so every rank saves the same keys, even for a matrix that got no
-    gradient), and each group counts its steps for TransformerEngine-style checkpoints.
-    """
-
-    def init_state(self, *_args: Any) -> None:
-        """Create every tensor's state now (megatron-core's ``init_state_fn`` signature)."""
-        for group in self.param_groups:
-            group.setdefault("step", 0)
-            for p in group["params"]:
-                state = self.state[p]
-                if state:
-                    continue
-                state["step"] = torch.tensor(float(group["step"]))
-                if group["use_muon"]:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                else:
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-
-    def _muon_step(self, group: dict[str, Any]) -> None:
-        super()._muon_step(group)
-        for p in group["params"]:
-            self.state[p]["step"] += 1
-        group["step"] = group.get("step", 0) + 1
-
-    def _adamw_step(self, group: dict[str, Any]) -> None:
-        super()._adamw_step(group)
-        group["step"] = group.get("step", 0) + 1
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then take each tensor's step from its group where the checkpoint kept only that."""
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            if "step" in group:
-                for p in group["params"]:
-                    if "step" in self.state[p]:
-                        self.state[p]["step"] = torch.tensor(float(group["step"]))
-
-
-@contextlib.contextmanager
-def _groups_told_apart() -> Iterator[None]:
-    """megatron-core matches saved and current param groups by (wd_mult, lr_mult, is_expert_parallel,
-    is_decoupled_lr); a Muon group and the AdamW group split from the same Megatron group share those,
-    so while loading they are also told apart by ``use_muon``."""
-    keys = megatron_optimizer.param_group_identifier_keys
-    extended = tuple(keys) + ("use_muon",)
-    megatron_optimizer.param_group_identifier_keys = extended
-    megatron_distrib_optimizer.param_group_identifier_keys = extended
-    try:
-        yield
-    finally:
-        megatron_optimizer.param_group_identifier_keys = keys
-        megatron_distrib_optimizer.param_group_identifier_keys = keys
-
-
-class MuonFP32Optimizer(FP32Optimizer):
-    """FP32Optimizer around :class:`MegatronMuon`."""
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        with _groups_told_apart():
-            super().load_state_dict(state_dict)
-
-
-class MuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
-    """bf16/fp16 model params, fp32 main params, around :class:`MegatronMuon`."""
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        with _groups_told_apart():
-            super().load_state_dict(state_dict)
-
-
-class MuonDistributedOptimizer(DistributedOptimizer):
-    """megatron-core's distributed optimizer (ZeRO-1) around :class:`MegatronMuon`.
-
-    Checkpoints hold the optimizer state in model space: per parameter and state key one tensor of
-    the parameter's (TP-local) shape, described by the model's own sharded metadata, so they reload
-    at another DP (and TP) size. megatron-core's own formats cannot carry it: they assume Adam's
-    keys for every tensor, and its flattened model-space format is refused by dist_checkpointing.
-    Each parameter's state is assembled on one DP rank (owners balanced by size, with the same
-    plan and exchange as Newton-Schulz), so no rank holds more than about its share of the state.
-    """
-
-    CHECKPOINT_FORMAT = "muon_ds_model_space"
-
-    def __init__(self, optimizer: Optional[MegatronMuon], *args: Any, **kwargs: Any) -> None:
-        # The constructor accepts only Adam "due to checkpointing requirements", which this class
-        # meets itself (sharded_state_dict below); let our inner optimizer through that one check.
-        adam = megatron_distrib_optimizer.Adam
-        megatron_distrib_optimizer.Adam = (adam, MegatronMuon)
-        try:
-            super().__init__(optimizer, *args, **kwargs)
-        finally:
-            megatron_distrib_optimizer.Adam = adam
-
-    @staticmethod
-    def _state_keys(model_param: torch.nn.Parameter) -> tuple[str, ...]:
-        if getattr(model_param, "muon_ds_matrices", None) is not None:
-            return ("param", "momentum_buffer")
-        return ("param", "exp_avg", "exp_avg_sq")
-
-    def _checkpoint_plans(self, gbuf_idx: int) -> list[tuple[tuple[str, ...], ExchangePlan, dict]]:
-        """Per kind of state (Muon's or AdamW's keys): which DP rank holds which elements of each
-        parameter of this buffer (Megatron's shard arithmetic, for every rank), and the owners."""
-        buffer = self.buffers[gbuf_idx]
-        world, rank = self.data_parallel_group.size(), self.data_parallel_group.rank()
-        ranks_ranges = []
-        for bucket in buffer.buckets:
-            size = bucket.grad_data.numel() // world
-            for r in range(world):
-                shard = Range(bucket.offset + r * size, bucket.offset + (r + 1) * size)
-                params = {p: buffer.param_index_map[p] for p in bucket.params}
-                ranks_ranges.append((r, self._build_model_gbuf_param_range_map(params, shard, bucket.offset)))
-        kinds: dict[tuple[str, ...], tuple[list, list, dict]] = {}
-        for index, model_param in enumerate(buffer.param_index_map):
-            matrices, holdings, mine = kinds.setdefault(self._state_keys(model_param), ([], [], {}))
-            key = str(index)
-            matrices.append(Matrix(key, (1, model_param.numel())))
-            for r, ranges in ranks_ranges:
-                if model_param in ranges:
-                    shard = ranges[model_param]["param"]
-                    piece = Piece(key, Block.whole((1, model_param.numel())), shard.start, shard.end)
-                    holdings.append(Holding(r, piece))
-                    if r == rank:
-                        mine[model_param] = (index, piece)
-        # ns_steps=1 FLOPs of a 1 x n "matrix" grow with n: owners balanced by state size
-        return [(keys, make_plan(matrices, holdings, world, ns_steps=1), mine)
-                for keys, (matrices, holdings, mine) in kinds.items()]
-
-    def _main_and_state(self, model_param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        return {"param": main_param, **self.optimizer.state[main_param]}
-
-    def sharded_state_dict(self, model_sharded_state_dict: Any, is_loading: bool = False,
-                           sharding_type: Optional[str] = None, metadata: Optional[dict] = None) -> dict:
-        """Step, param groups and loss scale as common state; tensors in model space (see the class doc)."""
-        requested = sharding_type or (metadata or {}).get("distrib_optim_sharding_type")
-        if requested not in (None, self.CHECKPOINT_FORMAT):
-            log_single_rank(logger, logging.INFO, f"muon_ds: the Muon distributed optimizer saves its state as "
-                            f"{self.CHECKPOINT_FORMAT!r}, not {requested!r} (Muon and AdamW keep different state)")
-        state_dict = self.state_dict()
-        if self.is_stub_optimizer:
-            return state_dict
-        tensors, _ = extract_sharded_tensors_and_factories(model_sharded_state_dict)
-        described = {sharded.data: sharded for sharded in nested_values(tensors)}
-        rank, group = self.data_parallel_group.rank(), self.data_parallel_group
-        param_state: dict[str, dict[str, Any]] = {}
-        for gbuf_idx, buffer in enumerate(self.buffers):
-            params = list(buffer.param_index_map)
-            device = params[0].device
-            for keys, plan, mine in self._checkpoint_plans(gbuf_idx):
-                owned = [int(m.key) for m in plan.owned(rank)]
-                for key in keys:
-                    if is_loading:
-                        full = {str(i): torch.empty(params[i].numel(), dtype=torch.float32, device=device)
-                                for i in owned}
-                    else:
-                        local = {piece: self._main_and_state(p)[key].detach().reshape(-1)
-                                 for p, (_index, piece) in mine.items()}
-                        full = gather_owned(plan, rank, local, group, torch.float32, device)
-                    for i in owned:
-                        model_param = params[i]
-                        if model_param not in described:
-                            raise KeyError(f"parameter {self._param_name(model_param)!r} is missing from the "
-                                           "model's sharded state dict (build it with keep_vars=True)")
-                        sharded = described[model_param]
-                        data = full[str(i)].view(model_param.shape)
-                        name = "fp32_param" if key == "param" else key
-                        # this rank holds the one copy saved for the DP group
-                        replica = (*sharded.replica_id[:2], self.distributed_optimizer_instance_id)
-                        changes = dict(key=f"optimizer.state.{name}.{sharded.key}", data=data, dtype=data.dtype,
-                                       replica_id=replica)
-                        if isinstance(sharded, ShardedTensorFactory):
-                            changes.pop("dtype")
-                        param_state.setdefault(f"{gbuf_idx}.{i}", {})[key] = replace(sharded, **changes)
-        state_dict["param_state"] = param_state
-        state_dict["param_state_sharding_type"] = self.CHECKPOINT_FORMAT
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Param groups and step through megatron-core, then the owners send every rank its shard of the state."""
-        param_state = state_dict.pop("param_state", None)
-        kind = state_dict.pop("param_state_sharding_type", self.CHECKPOINT_FORMAT)
-        with _groups_told_apart():
-            super().load_state_dict(state_dict)
-        if param_state is None:
-            return
-        if kind != self.CHECKPOINT_FORMAT:
-            raise ValueError(f"this checkpoint's distributed optimizer state is {kind!r}, written by another "
-                             f"optimizer; muon_ds's Muon reads {self.CHECKPOINT_FORMAT!r}")
-        rank, group = self.data_parallel_group.rank(), self.data_parallel_group
-        for gbuf_idx, buffer in enumerate(self.buffers):
-            params = list(buffer.param_index_map)
-            device = params[0].device
-            for keys, plan, mine in self._checkpoint_plans(gbuf_idx):
-                owned = [m.key for m in plan.owned(rank)]
-                for key in keys:
-                    loaded = {}
-                    for i in owned:
-                        entry = param_state.get(f"{gbuf_idx}.{i}", {})
-                        if key not in entry:
-                            raise KeyError(f"checkpoint has no optimizer state {key!r} for parameter "
-                                           f"{self._param_name(params[int(i)])!r} (saved by another optimizer?)")
-                        loaded[i] = entry[key].reshape(1, -1).to(device, torch.float32)
-                    pieces = scatter_updates(plan, rank, loaded, [piece for _i, piece in mine.values()], group,
-                                             torch.float32, device)
-                    with torch.no_grad():
-                        for model_param, (_index, piece) in mine.items():
-                            self._main_and_state(model_param)[key].copy_(pieces[piece])
 
 
 def _exchange_group(pg: ProcessGroupCollection) -> dist.ProcessGroup:
@@ -460,7 +232,9 @@ def get_megatron_optimizer(
 ) -> MegatronOptimizer:
     """megatron-core's ``get_megatron_optimizer`` with Moonlight's Muon: Muon on hidden matrices, AdamW on the rest.
 
-    Takes the ``muon_*`` fields of ``config`` (Megatron's names), AdamW's betas/eps/lr/weight decay,
+    Takes the ``muon_*`` fields of ``config`` (Megatron's names; :func:`~muon_ds.megatron.arguments.
+    moonlight_optimizer_config` gives Moonlight's; settings that are not, e.g. megatron-core's
+    dataclass defaults, are warned about loudly at start-up), AdamW's betas/eps/lr/weight decay,
     and returns a ChainedOptimizer (dense, then expert parameters) that Megatron's training loop,
     scheduler, grad clipping, loss scaling and dist_checkpointing use as they use Adam's.
     ``matrix_params`` / ``adam_params`` (regexes on parameter names) force Muon (an error if it is
@@ -470,6 +244,10 @@ def get_megatron_optimizer(
     settings = MuonSettings.from_config(config)
     _refuse_unsupported(config, model_chunks, dump_param_to_param_group_map)
     pg = pg_collection if pg_collection is not None else ProcessGroupCollection.use_mpu_process_groups()
+    tp_size = max(get_pg_size(pg.tp), get_pg_size(getattr(pg, "expt_tp", None)))
+    for problem in settings.off_moonlight(tp_size):
+        log_single_rank(logger, logging.WARNING, f"muon_ds WARNING: not Moonlight's Muon: {problem}. "
+                        "From Python, start from muon_ds.megatron.moonlight_optimizer_config(...)")
     groups = ProcessGroupCollection.setup_process_groups_for_optimizer(pg_collection, model_chunks,
                                                                        use_gloo_process_groups)
     describe_matrices(model_chunks, settings, pg, matrix_params, adam_params)

@@ -1,8 +1,8 @@
 """Which logical matrices a megatron-core parameter holds, as :class:`~muon_ds.matrices.MatrixView` s.
 
 Megatron stores a matrix as this rank's tensor-parallel shard (rows split for column-parallel
-layers, columns for row-parallel ones), fuses SwiGLU's gate and up projections into one fc1 whose
-TP shard is ``[gate rows of this rank; up rows of this rank]``, fuses q/k/v per query group, and
+layers, columns for row-parallel ones), fuses SwiGLU's gate and up projections into one fc1
+(TP layout: :mod:`muon_ds.glu_layout`), fuses q/k/v per query group, and
 numbers experts locally per expert-parallel rank. Moonlight orthogonalizes each logical matrix
 (gate, up, each expert, each MLA projection) whole, so every view names the logical matrix by a
 key that is identical on every rank holding a piece of it and gives this rank's block of it.
@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from muon_ds.glu_layout import glu_segments
 from muon_ds.matrices import Block, MatrixView, Views
 
 # Moonlight trains these with AdamW (embeddings, output head, MoE router), whatever their shape.
@@ -55,10 +56,11 @@ def _row_segments(name: str, rows: int, sharding: Sharding, tp_rank: int, tp_siz
                   ) -> list[tuple[str, int, int, int, int]]:
     """(suffix, local first row, row count, logical rows, logical first row) of each fused part."""
     if name.endswith("linear_fc1.weight") and sharding.gated_linear_unit:
-        half = rows // 2
-        if rows % 2:
-            raise ValueError(f"parameter {name!r}: a gated fc1 needs an even row count, has {rows}")
-        return [(f".{part}", i * half, half, half * tp_size, tp_rank * half) for i, part in enumerate(("gate", "up"))]
+        try:
+            segments = glu_segments(rows, tp_size, tp_rank)
+        except ValueError as err:
+            raise ValueError(f"parameter {name!r}: {err}") from None
+        return [(f".{part}", *rest) for part, *rest in segments]
     if name.endswith("linear_qkv.weight") and sharding.split_qkv and sharding.qkv_split is not None:
         per_group = sum(sharding.qkv_split)
         if rows % per_group:

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from muon_ds.models import without_te
 from muon_ds.models.local_layers import (
     LatentRMSNorm,
     MLACoreAttention,
@@ -170,6 +171,7 @@ def build_moonlight_model(
     **gpt_kwargs: Any,
 ) -> GPTModel:
     """A megatron-core GPTModel with untied embeddings and the Moonlight layer specs."""
+    without_te.apply()
     return GPTModel(
         config=config,
         transformer_layer_spec=moonlight_block_spec(config, backend_name, vp_stage=vp_stage),
