@@ -92,6 +92,13 @@ def pythonpath(version: str, triton: bool = False) -> list[Path]:
     return []
 
 
+def installed_version() -> str:
+    """The megatron-core release this process imports."""
+    import megatron.core
+
+    return megatron.core.__version__
+
+
 def training_scripts(version: str, dest: Path) -> Path:
     """Megatron-LM's training scripts of the tag paired with ``version``, extracted into ``dest``."""
     archive = ARCHIVES / f"megatron-lm-{ARCHIVE_TAGS[version]}-training.tar.gz"

@@ -4,8 +4,8 @@
 tests/megatron_lm.py): TREE is an
 extracted Megatron-LM training-scripts archive (../shared/megatron-lm/), ROUTE ``launch`` runs its
 pretrain_gpt.py through ``muon_ds.megatron.launch`` (no patch), ``patched`` runs it directly (TREE carries
-patches/megatron-lm-core_v*-muon_ds.patch). The CPU stand-ins replace only what needs a GPU: the CUDA device
-and RNG calls (tests/megatron_cpu.py, tests/megatron_cpu_optim.py), the CUDA kernel build and JIT warm-up, and the dataset-helper build (the wheel ships the compiled helpers, but not the Makefile
+patches/megatron-lm-core_v*-muon_ds.patch). The CPU stand-ins replace only what needs a GPU: the CUDA device,
+its architecture and RNG calls (tests/megatron_cpu.py, tests/megatron_cpu_optim.py), the CUDA kernel build and JIT warm-up, and the dataset-helper build (the wheel ships the compiled helpers, but not the Makefile
 Megatron-LM's initialisation runs).
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import runpy
 import sys
 import types
@@ -88,6 +89,11 @@ def _cpu_stand_ins() -> None:
         import megatron.legacy.fused_kernels as fused_kernels
 
         fused_kernels.load = lambda *_args: None
+    import megatron.training.arguments as arguments
+
+    # validate_args asks the GPU's architecture under TP; answer as an H100, launched as its scripts launch it
+    arguments.get_device_arch_version = lambda: 9
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     import megatron.training.initialize as initialize
 
     initialize._warmup_jit_function = lambda *_args, **_kwargs: None  # warms the JIT fusions up on a CUDA device

@@ -18,7 +18,8 @@ import sys
 from typing import Any, Callable, Optional
 
 from muon_ds.megatron import moonlight_provider
-from muon_ds.megatron.arguments import add_arguments, apply_moonlight_defaults
+from muon_ds.megatron import add_arguments
+from muon_ds.megatron.arguments import apply_moonlight_defaults
 from muon_ds.megatron.optimizer import get_megatron_optimizer
 from muon_ds.megatron.version import training_optimizer_factory
 
@@ -78,7 +79,7 @@ def install() -> None:
     add_megatron_arguments = arguments.add_megatron_arguments
 
     def add_all_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        return moonlight_provider.add_arguments(add_arguments(add_megatron_arguments(parser)))
+        return add_arguments(add_megatron_arguments(parser))
 
     validate = _validate_without_muon_asserts(arguments.validate_args)
     arguments.add_megatron_arguments = add_all_arguments

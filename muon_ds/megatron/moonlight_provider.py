@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 from muon_ds.megatron.version import builds_gpt_from_model_config
 from muon_ds.models.config import architecture_from_hf, load_hf_config
 
-__all__ = ["add_arguments", "architecture_mismatches", "install", "moonlight_builder", "uses_moonlight"]
+__all__ = ["add_arguments", "architecture_mismatches", "install", "moonlight_builder", "moonlight_model_config",
+           "uses_moonlight"]
 
 # Fields of the HF mapping that set training behaviour, not the network's function or weight shapes:
 # launch scripts may choose them freely.
@@ -148,18 +149,20 @@ def _stage_spec(backend_name: str, model_config: Any, vp_stage: Optional[int] = 
     return moonlight_block_spec(model_config.transformer, backend_name, vp_stage=vp_stage)
 
 
-def _moonlight_model_config(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Megatron-LM core_v0.19.0's ``gpt_config_from_args``: with a Moonlight flag, the GPTModelConfig names
-    muon_ds's layer specs (and no GPT-level position embedding: MLA applies its own RoPE)."""
+def moonlight_model_config(args: argparse.Namespace, model_config: Any) -> Any:
+    """Megatron-LM core_v0.19.0's GPTModelConfig (from ``gpt_config_from_args``), naming muon_ds's Moonlight layer
+    specs when ``args`` ask for them (and no GPT-level position embedding: MLA applies its own RoPE)."""
+    if uses_moonlight(args):
+        backend_name = _check_arguments(args, model_config.transformer)
+        model_config.transformer_layer_spec = functools.partial(_stage_spec, backend_name)
+        model_config.vocab_size = args.padded_vocab_size
+        model_config.position_embedding_type = "none"
+    return model_config
 
+
+def _moonlight_model_config(original: Callable[..., Any]) -> Callable[..., Any]:
     def gpt_config_from_args(args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
-        model_config = original(args, *rest, **kwargs)
-        if uses_moonlight(args):
-            backend_name = _check_arguments(args, model_config.transformer)
-            model_config.transformer_layer_spec = functools.partial(_stage_spec, backend_name)
-            model_config.vocab_size = args.padded_vocab_size
-            model_config.position_embedding_type = "none"
-        return model_config
+        return moonlight_model_config(args, original(args, *rest, **kwargs))
 
     gpt_config_from_args.__wrapped__ = original  # type: ignore[attr-defined]
     return gpt_config_from_args
