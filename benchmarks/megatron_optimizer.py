@@ -88,11 +88,12 @@ def measure(hf: dict[str, Any], tp: int, ep: int, steps: int, device: torch.devi
 
     import muon_ds.optim as optim_module
     from muon_ds.megatron import get_megatron_optimizer
+    from muon_ds.megatron.version import NESTEROV
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
                              use_distributed_optimizer=True, clip_grad=1.0, muon_momentum=0.95,
-                             muon_use_nesterov=True, muon_extra_scale_factor=0.2, muon_tp_mode="distributed",
+                             **{NESTEROV.attribute: True}, muon_extra_scale_factor=0.2, muon_tp_mode="distributed",
                              muon_fp32_matmul_prec="medium")
     ddp = build(hf, tp, ep, device, backend)
     adam_seconds = timed_steps(ddp, megatron_adam(config, [ddp]), steps, sync)

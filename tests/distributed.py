@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,14 +18,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(world_size: int, module: str, *args: str, timeout: float = 900) -> list[str]:
-    """Start ``python -m module args`` on each rank; returns each rank's output, raises if any failed."""
+def run_ranks(world_size: int, module: str, *args: str, timeout: float = 900,
+              env: Optional[dict[str, str]] = None) -> list[str]:
+    """Start ``python -m module args`` on each rank (``env`` overriding this process's environment); returns each
+    rank's output, raises if any failed."""
     port = free_port()
+    base = dict(os.environ, **(env or {}))
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), base.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []

@@ -1,6 +1,8 @@
 """Megatron-LM's own pretrain_gpt.py, unchanged, builds our Moonlight through the patch-free launcher.
 
-Needs a Megatron-LM checkout at core_v0.16.1 (not on any package registry): set MEGATRON_LM_DIR. Each test
+Runs on megatron-core 0.16.1 with Megatron-LM core_v0.16.1's training scripts (the archive in
+../shared/megatron-lm, tests/megatron_lm.py); tests/test_pretrain_gpt.py trains Moonlight through core_v0.19.0's
+pretrain_gpt.py, which builds models another way. Each test
 starts one process the way a launch script starts pretrain_gpt.py (``python -m muon_ds.megatron.launch
 SCRIPT ARGS``), with a probe script in pretrain_gpt.py's place in a copy of Megatron-LM's training tree:
 - the tiny Moonlight's Megatron arguments (configs/megatron/moonlight-tiny.args.sh) with ``--moonlight-config``
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,12 @@ from typing import Any
 
 import pytest
 
+from tests import megatron_lm
+
 REPO = Path(__file__).resolve().parents[1]
-CHECKOUT = os.environ.get("MEGATRON_LM_DIR")
+CORE_V0_16_1 = pytest.mark.skipif(
+    not megatron_lm.ARCHIVES.is_dir() or megatron_lm.installed_version() != megatron_lm.VERSION_016,
+    reason="needs megatron-core 0.16.1 and Megatron-LM's training-script archives (tests/megatron_lm.py)")
 TINY_HF = REPO / "tests" / "data" / "moonlight-tiny.config.json"
 PROBE = "from tests.test_megatron_provider import probe\nprobe()\n"  # pretrain_gpt.py's place
 # ``python -m muon_ds.megatron.launch``, after standing in for the triton-only kernels megatron.training
@@ -51,10 +56,11 @@ def _build(argv: list[str]) -> dict[str, Any]:
     import gpt_builders
     import megatron.training.arguments as arguments
     from megatron.training.global_vars import set_args
+    from megatron.training.tokenizer import build_tokenizer
 
     sys.argv = ["pretrain_gpt.py", *argv]
     args = arguments.validate_args(arguments.parse_args())
-    args.padded_vocab_size = args.vocab_size  # what the tokenizer set-up computes (divisible by 1)
+    build_tokenizer(args)  # sets args.padded_vocab_size, as Megatron-LM's start-up does
     set_args(args)
     try:
         model = gpt_builders.gpt_builder(args, pre_process=True, post_process=True)
@@ -117,20 +123,17 @@ def probe_16b() -> None:
 
 
 def _megatron_lm(tmp_path: Path) -> Path:
-    """Megatron-LM's training packages and top-level builders (megatron.core comes from the installed package)."""
-    for package in ("training", "legacy", "post_training", "rl"):
-        shutil.copytree(Path(CHECKOUT) / "megatron" / package, tmp_path / "megatron" / package)
-    for module in ("gpt_builders.py", "model_provider.py", "mamba_builders.py"):
-        shutil.copy(Path(CHECKOUT) / module, tmp_path / module)
+    """Megatron-LM core_v0.16.1's training scripts (megatron.core comes from the installed package) and the probes."""
+    megatron_lm.training_scripts(megatron_lm.VERSION_016, tmp_path)
     (tmp_path / "pretrain_probe.py").write_text(PROBE)
     (tmp_path / "pretrain_probe_16b.py").write_text(PROBE.replace("probe", "probe_16b"))
     return tmp_path
 
 
-@pytest.mark.skipif(not CHECKOUT, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout")
+@CORE_V0_16_1
 def test_launcher_builds_moonlight_in_pretrain_gpt(tmp_path: Path) -> None:
     tree = _megatron_lm(tmp_path)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(REPO)]), RANK="0", WORLD_SIZE="1",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")]), RANK="0", WORLD_SIZE="1",
                LOCAL_RANK="0", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", LAUNCH, str(tree / "pretrain_probe.py"),
                           *_tiny_args(), *BASE, "--moonlight-config", str(TINY_HF)],
@@ -154,7 +157,7 @@ def test_launcher_builds_moonlight_in_pretrain_gpt(tmp_path: Path) -> None:
         result["megatron_own"]["error"]
 
 
-@pytest.mark.skipif(not CHECKOUT, reason="set MEGATRON_LM_DIR to a Megatron-LM core_v0.16.1 checkout")
+@CORE_V0_16_1
 def test_16b_launch_arguments_pass_megatron_validation(tmp_path: Path) -> None:
     from tests.test_megatron_example import dry_run_16b
 
@@ -163,7 +166,7 @@ def test_16b_launch_arguments_pass_megatron_validation(tmp_path: Path) -> None:
     assert dry.returncode == 0, dry.stderr
     command = shlex.split(dry.stdout)
     script = next(i for i, word in enumerate(command) if word.endswith("pretrain_gpt.py"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(REPO)]), RANK="0", WORLD_SIZE="16",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")]), RANK="0", WORLD_SIZE="16",
                LOCAL_RANK="0", OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1")  # as the script exports
     run = subprocess.run([sys.executable, "-c", LAUNCH, str(tree / "pretrain_probe_16b.py"), *command[script + 1:]],
                          env=env, cwd=tree, capture_output=True, text=True, timeout=300)

@@ -20,14 +20,16 @@ from muon_ds.megatron import (  # noqa: E402
     moonlight_optimizer_config,
 )
 from muon_ds.megatron.optimizer import describe_matrices  # noqa: E402
+from muon_ds.megatron.version import NESTEROV  # noqa: E402
 from muon_ds.megatron.views import Sharding, global_name, megatron_views  # noqa: E402
 
 
 def _megatron_defaults() -> SimpleNamespace:
-    """Megatron-LM core_v0.16.1's argparse defaults for the muon flags."""
-    return SimpleNamespace(muon_momentum=0.9, muon_use_nesterov=False, muon_split_qkv=True, muon_scale_mode="spectral",
+    """Megatron-LM's argparse defaults for the muon flags (core_v0.16.1 and core_v0.19.0 agree but for the
+    Nesterov flag's name)."""
+    return SimpleNamespace(muon_momentum=0.9, muon_split_qkv=True, muon_scale_mode="spectral",
                            muon_fp32_matmul_prec="medium", muon_num_ns_steps=5, muon_tp_mode="blockwise",
-                           muon_extra_scale_factor=1.0, rank=0)
+                           muon_extra_scale_factor=1.0, rank=0, **{NESTEROV.attribute: False})
 
 
 def test_moonlight_defaults_replace_megatrons_unless_given() -> None:
@@ -38,7 +40,7 @@ def test_moonlight_defaults_replace_megatrons_unless_given() -> None:
     explicit = _megatron_defaults()
     explicit.muon_momentum, explicit.muon_tp_mode = 0.8, "blockwise"
     args = apply_moonlight_defaults(explicit, argv=["--muon-momentum=0.8", "--muon-tp-mode", "blockwise"])
-    assert (args.muon_momentum, args.muon_tp_mode, args.muon_use_nesterov) == (0.8, "blockwise", True)
+    assert (args.muon_momentum, args.muon_tp_mode, getattr(args, NESTEROV.attribute)) == (0.8, "blockwise", True)
 
 
 def test_distributed_optimizer_checkpoints_are_marked_fully_reshardable() -> None:
@@ -55,7 +57,7 @@ def test_distributed_optimizer_checkpoints_are_marked_fully_reshardable() -> Non
 
 def test_no_nesterov_flag_is_registered() -> None:
     parser = add_arguments(argparse.ArgumentParser())
-    assert parser.parse_args(["--muon-no-use-nesterov"]).muon_use_nesterov is False
+    assert getattr(parser.parse_args([NESTEROV.off_flag]), NESTEROV.attribute) is False
 
 
 @pytest.mark.parametrize("field, value, flag", [
@@ -165,9 +167,11 @@ def test_pattern_forcing_a_non_matrix_to_muon_is_named() -> None:
 
 
 def test_unsupported_megatron_core_version_is_named() -> None:
-    with pytest.raises(RuntimeError, match="megatron-core 0.15.0"):
-        check_megatron_core("0.15.0")
-    check_megatron_core("0.16.1")
+    for refused in ("0.15.0", "0.17.0", "0.20.0"):
+        with pytest.raises(RuntimeError, match=f">=0.16.0,<0.17.0 or >=0.19.0,<0.20.0; found megatron-core {refused}"):
+            check_megatron_core(refused)
+    for supported in ("0.16.1", "0.19.0", "0.19.2+abc"):
+        check_megatron_core(supported)
 
 
 def test_factory_takes_megatron_cores_arguments() -> None:

@@ -37,7 +37,7 @@ MOONLIGHT_TINY_ARGS=(
     --moe-router-load-balancing-type seq_aux_loss
     --moe-aux-loss-coeff 0.001
     --moe-token-dispatcher-type alltoall
-    --vocab-size 256
+    --vocab-size 255  # + the NullTokenizer's end-of-document token (core_v0.16.1) = the HF config's 256
     --make-vocab-size-divisible-by 1
     --seq-length 128
     --optimizer muon

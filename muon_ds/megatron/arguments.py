@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from muon_ds.megatron.version import NESTEROV
 from muon_ds.megatron.views import TP_MODES
 from muon_ds.update import MOONLIGHT_RMS
 
@@ -29,7 +30,7 @@ FP32_MATMUL_PRECISIONS = ("low", "medium", "high")
 # attribute -> (Moonlight default, the command-line flags that set it explicitly)
 MOONLIGHT_DEFAULTS: dict[str, tuple[Any, tuple[str, ...]]] = {
     "muon_momentum": (0.95, ("--muon-momentum",)),
-    "muon_use_nesterov": (True, ("--muon-use-nesterov", "--muon-no-use-nesterov")),
+    NESTEROV.attribute: (True, (NESTEROV.on_flag, NESTEROV.off_flag)),
     "muon_split_qkv": (True, ("--muon-no-split-qkv",)),
     "muon_scale_mode": ("spectral", ("--muon-scale-mode",)),
     "muon_fp32_matmul_prec": ("medium", ("--muon-fp32-matmul-prec",)),
@@ -58,7 +59,7 @@ def moonlight_optimizer_config(**overrides: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Register what Moonlight needs beyond Megatron's own ``--muon-*`` flags (usable as an extra_args_provider)."""
     group = parser.add_argument_group("muon_ds")
-    group.add_argument("--muon-no-use-nesterov", action="store_false", dest="muon_use_nesterov",
+    group.add_argument(NESTEROV.off_flag, action="store_false", dest=NESTEROV.attribute,
                        help="muon_ds: plain momentum instead of Moonlight's Nesterov momentum")
     return parser
 
@@ -107,7 +108,7 @@ class MuonSettings:
         """Read and check every ``muon_*`` value, naming the offending one."""
         values = {
             "momentum": getattr(config, "muon_momentum"),
-            "nesterov": getattr(config, "muon_use_nesterov"),
+            "nesterov": getattr(config, NESTEROV.attribute),
             "split_qkv": getattr(config, "muon_split_qkv"),
             "scale_mode": getattr(config, "muon_scale_mode"),
             "fp32_matmul_prec": getattr(config, "muon_fp32_matmul_prec"),

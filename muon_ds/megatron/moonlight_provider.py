@@ -20,11 +20,14 @@ those arguments against an HF ``config.json`` and names every field that differs
 from __future__ import annotations
 
 import argparse
+import functools
 from typing import Any, Callable, Optional
 
+from muon_ds.megatron.version import builds_gpt_from_model_config
 from muon_ds.models.config import architecture_from_hf, load_hf_config
 
-__all__ = ["add_arguments", "architecture_mismatches", "install", "moonlight_builder", "uses_moonlight"]
+__all__ = ["add_arguments", "architecture_mismatches", "install", "moonlight_builder", "moonlight_model_config",
+           "uses_moonlight"]
 
 # Fields of the HF mapping that set training behaviour, not the network's function or weight shapes:
 # launch scripts may choose them freely.
@@ -59,23 +62,28 @@ def _same(expected: Any, actual: Any) -> bool:
 
 
 def architecture_mismatches(hf: dict[str, Any], config: Any, vocab_size: Optional[int]) -> list[str]:
-    """``'field: HF config says X, Megatron arguments give Y'`` for every architecture field that differs."""
+    """``'field: HF config says X, Megatron arguments give Y'`` for every architecture field that differs.
+
+    ``vocab_size`` is the tokenizer's padded vocabulary: it may be smaller than the HF config's (whose
+    embedding rows the model keeps, as transformers does), never larger."""
     arch = architecture_from_hf(hf)
     problems = [f"{key}: HF config says {value!r}, Megatron arguments give {getattr(config, key, None)!r}"
                 for key, value in arch.transformer.items()
                 if key not in TRAINING_FIELDS and not _same(value, getattr(config, key, None))]
-    if vocab_size is not None and vocab_size != arch.vocab_size:
-        problems.append(f"vocab_size: HF config says {arch.vocab_size}, the padded Megatron vocabulary is "
-                        f"{vocab_size} (set --vocab-size / --make-vocab-size-divisible-by)")
+    if vocab_size is not None and vocab_size > arch.vocab_size:
+        problems.append(f"vocab_size: HF config says {arch.vocab_size}, the tokenizer's padded vocabulary is "
+                        f"{vocab_size}: token ids from {arch.vocab_size} on have no embedding row (set --vocab-size / "
+                        "--make-vocab-size-divisible-by; Megatron-LM core_v0.16.1's NullTokenizer adds an "
+                        "end-of-document token to --vocab-size)")
     return problems
 
 
 def _check_arguments(args: argparse.Namespace, config: Any) -> str:
     """The spec backend name, after refusing the Megatron-LM options the Moonlight builder cannot honour."""
     refused = {
-        "--use-legacy-models": args.use_legacy_models,
-        "--spec": args.spec is not None,
-        "--mtp-num-layers": args.mtp_num_layers is not None,
+        "--use-legacy-models": getattr(args, "use_legacy_models", False),
+        "--spec": getattr(args, "spec", None) is not None,
+        "--mtp-num-layers": getattr(args, "mtp_num_layers", None) is not None,
         "--experimental-attention-variant": getattr(args, "experimental_attention_variant", None) is not None,
         "--heterogeneous-layers-config-path": getattr(args, "heterogeneous_layers_config_path", None) is not None,
     }
@@ -91,11 +99,12 @@ def _check_arguments(args: argparse.Namespace, config: Any) -> str:
         raise ValueError(f"--transformer-impl {args.transformer_impl} is not supported by the Moonlight spec; "
                          f"use one of {sorted(_BACKENDS)}")
     if args.moonlight_config:
-        problems = architecture_mismatches(load_hf_config(args.moonlight_config), config,
-                                           getattr(args, "padded_vocab_size", None))
+        hf = load_hf_config(args.moonlight_config)
+        problems = architecture_mismatches(hf, config, getattr(args, "padded_vocab_size", None))
         if problems:
             raise ValueError(f"the Megatron arguments do not describe the model of {args.moonlight_config}:\n  "
                              + "\n  ".join(problems))
+        args.padded_vocab_size = architecture_from_hf(hf).vocab_size  # the checkpoint's embedding rows
     return _BACKENDS[args.transformer_impl]
 
 
@@ -133,12 +142,45 @@ def _dispatching(original: Callable[..., Any]) -> Callable[..., Any]:
     return gpt_builder
 
 
+def _stage_spec(backend_name: str, model_config: Any, vp_stage: Optional[int] = None) -> Any:
+    """GPTModelConfig's ``transformer_layer_spec`` callable: this stage's Moonlight layers."""
+    from muon_ds.models.spec import moonlight_block_spec
+
+    return moonlight_block_spec(model_config.transformer, backend_name, vp_stage=vp_stage)
+
+
+def moonlight_model_config(args: argparse.Namespace, model_config: Any) -> Any:
+    """Megatron-LM core_v0.19.0's GPTModelConfig (from ``gpt_config_from_args``), naming muon_ds's Moonlight layer
+    specs when ``args`` ask for them (and no GPT-level position embedding: MLA applies its own RoPE)."""
+    if uses_moonlight(args):
+        backend_name = _check_arguments(args, model_config.transformer)
+        model_config.transformer_layer_spec = functools.partial(_stage_spec, backend_name)
+        model_config.vocab_size = args.padded_vocab_size
+        model_config.position_embedding_type = "none"
+    return model_config
+
+
+def _moonlight_model_config(original: Callable[..., Any]) -> Callable[..., Any]:
+    def gpt_config_from_args(args: argparse.Namespace, *rest: Any, **kwargs: Any) -> Any:
+        return moonlight_model_config(args, original(args, *rest, **kwargs))
+
+    gpt_config_from_args.__wrapped__ = original  # type: ignore[attr-defined]
+    return gpt_config_from_args
+
+
 def install() -> None:
-    """Make Megatron-LM's ``gpt_builders.gpt_builder`` build Moonlight when asked (idempotent).
+    """Make Megatron-LM's pretrain_gpt.py build Moonlight when asked (idempotent): core_v0.16.1's
+    ``gpt_builders.gpt_builder`` or core_v0.19.0's ``argument_utils.gpt_config_from_args``.
 
     Needs Megatron-LM's top-level ``gpt_builders`` module importable (the directory of pretrain_gpt.py on
     sys.path); call it before pretrain_gpt.py runs, which binds the builder at import.
     """
+    import megatron.training.argument_utils as argument_utils
+
+    if builds_gpt_from_model_config(argument_utils):
+        if not hasattr(argument_utils.gpt_config_from_args, "__wrapped__"):
+            argument_utils.gpt_config_from_args = _moonlight_model_config(argument_utils.gpt_config_from_args)
+        return
     try:
         import gpt_builders
     except ImportError as err:

@@ -31,7 +31,7 @@ import muon_ds
 from muon_ds.matrices import MatrixView, assign
 from muon_ds.megatron.arguments import MuonSettings
 from muon_ds.megatron.checkpoint import MegatronMuon, MuonDistributedOptimizer, MuonFloat16Optimizer, MuonFP32Optimizer
-from muon_ds.megatron.version import check_megatron_core
+from muon_ds.megatron.version import check_megatron_core, unsupported_settings
 from muon_ds.megatron.views import Sharding, megatron_views
 from muon_ds.partition import GroupLayout
 from muon_ds.plan import Holding, Matrix, Piece, make_plan
@@ -212,6 +212,7 @@ def _refuse_unsupported(config: OptimizerConfig, model_chunks: List[MegatronModu
         "overlap_param_gather_with_optimizer_step": config.overlap_param_gather_with_optimizer_step,
         "decoupled_weight_decay=False": not config.decoupled_weight_decay,
         "dump_param_to_param_group_map": dump_param_to_param_group_map is not None,
+        **unsupported_settings(config),
     }
     bad = [name for name, on in problems.items() if on]
     if bad:

@@ -23,6 +23,7 @@ from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_data_parallel_rng_tracker_name
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -146,7 +147,8 @@ class MLACoreAttention(MegatronModule):
 
 class MoonlightMLASelfAttention(MLASelfAttention):
     """megatron-core's MLA self-attention, with the kv down-projection replicated over TP when the
-    spec asks for ``TPReplicatedLinear``."""
+    spec asks for ``TPReplicatedLinear``, and on every megatron-core release the q/kv projections and
+    latent norms the spec names (both backends)."""
 
     def __init__(
         self,
@@ -156,6 +158,7 @@ class MoonlightMLASelfAttention(MLASelfAttention):
         attn_mask_type: AttnMaskType = AttnMaskType.causal,
         cp_comm_type: Optional[str] = None,
         pg_collection: Any = None,
+        **kwargs: Any,  # megatron-core 0.19's pp_layer_offset and name
     ) -> None:
         replicate = submodules.linear_kv_down_proj is TPReplicatedLinear
         if replicate:
@@ -172,8 +175,24 @@ class MoonlightMLASelfAttention(MLASelfAttention):
             attn_mask_type=attn_mask_type,
             cp_comm_type=cp_comm_type,
             pg_collection=pg_collection,
+            **kwargs,
         )
         if replicate:
             self.linear_kv_down_proj = TPReplicatedLinear(
                 config.hidden_size, config.kv_lora_rank + config.qk_pos_emb_head_dim, config=config
             )
+
+    def _resolve_qk_norm_config(self, submodules: MLASelfAttentionSubmodules) -> dict[str, Any]:
+        """The q/kv projections and latent norms exactly as the spec gives them.
+
+        megatron-core 0.19 calls this hook (0.16 has none and builds the spec as given); its own resolution
+        fuses a layernorm into ``linear_q_proj`` when ``q_lora_rank`` is None, a Q norm Moonlight does not
+        have (cf. Megatron-Bridge #5261), and without TransformerEngine it cannot build that fused layer.
+        """
+        return {
+            "linear_q_proj": submodules.linear_q_proj,
+            "linear_q_up_proj": submodules.linear_q_up_proj,
+            "linear_kv_up_proj": submodules.linear_kv_up_proj,
+            "q_layernorm": submodules.q_layernorm if self.config.q_lora_rank is not None else IdentityOp,
+            "kv_layernorm": submodules.kv_layernorm,
+        }

@@ -15,7 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.multi_latent_attention import MLASelfAttention, MLASelfAttentionSubmodules
+from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -76,7 +76,7 @@ def _transformer_engine() -> Backend:
     provider = TESpecProvider()
     return Backend(
         provider=provider,
-        attention=MLASelfAttention,
+        attention=MoonlightMLASelfAttention,  # builds the q projection without a Q norm on 0.19 too
         norm=TENorm,
         latent_norm=TENorm,  # uses the config's epsilon (1e-5 for Moonlight instead of 1e-6)
         column_linear=provider.column_parallel_linear(),
