@@ -21,7 +21,7 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     if tall:
         x = x.mT
     x = x.float()
-    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + NORM_EPS)).to(dtype).contiguous()
+    x = (x / (frobenius_norm(x) + NORM_EPS)).to(dtype).contiguous()
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = torch.bmm(x, x.mT)
@@ -31,6 +31,14 @@ def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
         x = x.mT
     x = x.float()
     return x if update.ndim == 3 else x.squeeze(0)
+
+
+def frobenius_norm(x: torch.Tensor) -> torch.Tensor:
+    """Each matrix's Frobenius norm (keepdim), computed on ``x / max|x|`` so that the sum of squares of a
+    finite but huge matrix (entries of 1e18 and more) does not overflow float32 to inf."""
+    peak = x.abs().amax(dim=(-2, -1), keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return torch.linalg.matrix_norm(x / peak, keepdim=True) * peak
 
 
 def ns_flops(shape: tuple[int, int], steps: int = 5) -> int:
