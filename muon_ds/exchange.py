@@ -43,9 +43,9 @@ def gather_owned(plan: ExchangePlan, rank: int, local: Mapping[Piece, torch.Tens
                  keys: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
     """Assemble the matrices this rank owns (those in ``keys``, if given) from its pieces and those sent to it.
 
-    ``keys`` (the same on every rank) leaves out matrices that got no gradient or are frozen.
+    ``keys`` lets a single-process step leave out parameters that got no gradient.
     """
-    received = (_all_to_all(_of(plan.gathers, keys), rank, plan.world_size, local.__getitem__, group, dtype, device)
+    received = (_all_to_all(plan.gathers, rank, plan.world_size, local.__getitem__, group, dtype, device)
                 if plan.gathers else {})
     full = {}
     for matrix in plan.owned(rank):
@@ -66,21 +66,16 @@ def gather_owned(plan: ExchangePlan, rank: int, local: Mapping[Piece, torch.Tens
 
 
 def scatter_updates(plan: ExchangePlan, rank: int, updates: Mapping[str, torch.Tensor], wanted: Iterable[Piece],
-                    group: Optional[dist.ProcessGroup], dtype: torch.dtype, device: torch.device,
-                    keys: Optional[set[str]] = None) -> dict[Piece, torch.Tensor]:
-    """Send each holder its piece of the owners' updates (of the matrices in ``keys``, if given); returns
-    the pieces this rank holds."""
+                    group: Optional[dist.ProcessGroup], dtype: torch.dtype, device: torch.device
+                    ) -> dict[Piece, torch.Tensor]:
+    """Send each holder its piece of the owners' updates; returns the pieces this rank holds."""
 
     def payload(piece: Piece) -> torch.Tensor:
         return _region(updates[piece.key], piece)[piece.start:piece.stop]
 
-    received = (_all_to_all(_of(plan.scatters, keys), rank, plan.world_size, payload, group, dtype, device)
+    received = (_all_to_all(plan.scatters, rank, plan.world_size, payload, group, dtype, device)
                 if plan.scatters else {})
     return {piece: payload(piece) if plan.owner[piece.key] == rank else received[piece] for piece in wanted}
-
-
-def _of(transfers: list[Transfer], keys: Optional[set[str]]) -> list[Transfer]:
-    return transfers if keys is None else [t for t in transfers if t.piece.key in keys]
 
 
 def _is_whole(piece: Piece, matrix: Matrix) -> bool:

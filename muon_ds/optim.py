@@ -6,7 +6,6 @@ Used as is in a single process. Engine adapters re-point it at the tensors the e
 
 from __future__ import annotations
 
-from collections import defaultdict
 import logging
 import warnings
 from typing import Any, Callable, Iterable, Optional, Union
@@ -14,13 +13,13 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from muon_ds.exchange import gather_owned, scatter_updates
 from muon_ds.matrices import ATTRIBUTE, Views, classify
-from muon_ds.newton_schulz import orthogonalize
+from muon_ds import pipeline
+from muon_ds.newton_schulz import newton_schulz_
 from muon_ds.options import NS_DTYPES, MuonOptions
 from muon_ds.partition import GroupLayout, replicated_layout
-from muon_ds.plan import Piece
-from muon_ds.update import adamw_update, decay_weights, muon_momentum, update_scale
+from muon_ds.pipeline import Hyper
+from muon_ds.update import adamw_update, update_scale
 
 logger = logging.getLogger(__name__)
 
@@ -171,46 +170,42 @@ class Muon(torch.optim.Optimizer):
                          group["betas"], group["eps"], group["weight_decay"])
 
     def _muon_step(self, group: dict[str, Any]) -> None:
+        """Follow the layout's route through the pipeline (muon_ds/pipeline.py)."""
         layout = self._layout(group)
         dtype = NS_DTYPES[group["ns_dtype"]]
-        device = group["params"][0].device if group["params"] else layout.device
-        to_orthogonalize: dict[Piece, torch.Tensor] = {}
-        updated = []
-        for p, pieces in zip(group["params"], layout.local):
-            if self._frozen(p) or (p.grad is None and not self.distributed):
+        tensors = group["params"]
+        device = tensors[0].device if tensors else layout.device
+        # Left out: frozen matrices (the same on every rank), and in one process those without a gradient.
+        active = [not self._frozen(p) and (p.grad is not None or self.distributed) for p in tensors]
+        skip = frozenset(piece.key for p, pieces, a in zip(tensors, layout.local, active) if not a
+                         for piece, _offset in pieces)
+        if not any(active) and not self.distributed:
+            return
+        params, grads, momenta = [], [], []
+        for p, a in zip(tensors, active):
+            if not a:
+                params.append(None), grads.append(None), momenta.append(None)
                 continue
-            grad = torch.zeros_like(p) if p.grad is None else p.grad
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            u = muon_momentum(grad, state["momentum_buffer"], group["momentum"], group["nesterov"]).reshape(-1)
-            for piece, offset in pieces:
-                to_orthogonalize[piece] = u[offset:offset + piece.numel].to(dtype)
-            updated.append((p, pieces))
-        if not updated and not self.distributed:
-            return
-        plan = layout.plan
-        # Every rank leaves out the same matrices: frozen ones everywhere, none other when distributed.
-        present = {piece.key for piece in to_orthogonalize}
-        if self.distributed and not any(self._frozen(p) for p in group["params"]):
-            present = None
-        full = gather_owned(plan, layout.rank, to_orthogonalize, layout.process_group, dtype, device, present)
-        by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for key in full:
-            by_shape[plan.matrices[key].shape].append(key)
-        directions = {}
-        for shape, keys in by_shape.items():
-            stacked = orthogonalize(torch.stack([full[k] for k in keys]), group["ns_steps"], dtype)
-            directions.update(zip(keys, stacked.unbind(0)))
-        wanted = [piece for _p, pieces in updated for piece, _offset in pieces]
-        local = scatter_updates(plan, layout.rank, directions, wanted, layout.process_group, dtype, device, present)
-        lr = group["lr"] * group["lr_ratio"]
-        for p, pieces in updated:
-            decay_weights(p, lr, group["weight_decay"])
-            flat = p.view(-1)
-            for piece, offset in pieces:
-                scale = update_scale(plan.matrices[piece.key].shape, group["scale"]) * group["extra_scale"]
-                flat[offset:offset + piece.numel].add_(local[piece].to(p.dtype), alpha=-lr * scale)
+            params.append(p)
+            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)  # distributed: every rank joins
+            momenta.append(state["momentum_buffer"])
+        route = layout.route(skip, dtype, device)
+        shapes = {}
+
+        def scale(shape: tuple[int, int]) -> float:
+            if shape not in shapes:
+                shapes[shape] = update_scale(shape, group["scale"]) * group["extra_scale"]
+            return shapes[shape]
+
+        hyper = Hyper(group["lr"] * group["lr_ratio"], group["weight_decay"], group["momentum"], group["nesterov"],
+                      scale)
+        steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+        pipeline.run(route, params, grads, momenta, hyper,
+                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients), dtype, device,
+                     layout.process_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load momentum and AdamW moments; the hyper-parameters are the constructor's (logged where the
@@ -266,6 +261,12 @@ def _sides(groups: list[dict[str, Any]]) -> list[str]:
 def _plain(value: Any) -> Any:
     """Tuples come back from a checkpoint as lists: compare and print them alike."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight") -> torch.Tensor:
+    """The step's Newton-Schulz of one (N, A, B) NS-dtype batch, in place (a module-level name, so that
+    benchmarks can time it)."""
+    return newton_schulz_(batch, steps, coefficient_set)
 
 
 def _hyper_parameters(options: MuonOptions, use_muon: bool) -> dict[str, Any]:

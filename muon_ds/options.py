@@ -39,6 +39,7 @@ class MuonOptions(BaseModel):
     scale: Literal["moonlight", "spectral", "none"] = "moonlight"
     extra_scale: Real = Field(1.0, gt=0)  # a factor on top of ``scale`` (Megatron's --muon-extra-scale-factor)
     ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    ns_coefficients: Literal["moonlight", "polar_express"] = "moonlight"  # see muon_ds/newton_schulz.py
     muon_lr: Optional[Real] = Field(None, ge=0)
     adam_lr: Optional[Real] = Field(None, ge=0)
 

@@ -50,6 +50,19 @@ def weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
     return weights_of(engine.module)
 
 
+def scattered_zero0() -> dict[str, torch.Tensor]:
+    """ZeRO-0 with the cost model tilted so that each rank orthogonalizes its share and sends the results
+    (at this size it would otherwise orthogonalize every matrix on every rank)."""
+    from muon_ds import route
+
+    real = route.THROUGHPUT["cpu"]
+    route.THROUGHPUT["cpu"] = (1e6, 1e15)
+    try:
+        return trained(ds_config(0, dist.get_world_size()))
+    finally:
+        route.THROUGHPUT["cpu"] = real
+
+
 def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
@@ -313,6 +326,7 @@ def _register_defaults() -> None:
     scenario("moe_ep2_s1", lambda out: moe(1, ep_size=2))
     scenario("moe_ep2_s2", lambda out: moe(2, ep_size=2))
     scenario("frozen", lambda out: frozen())
+    scenario("s0_scattered", lambda out: scattered_zero0())
     scenario("tagged_s2", lambda out: tagged())
     scenario("layout_s1", lambda out: layout_stats())
     scenario("errors", lambda out: errors())

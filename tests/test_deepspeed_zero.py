@@ -18,7 +18,7 @@ RUNS = {
     2: ["s0_ga1", "s1_ga1", "s2_ga1", "s0_ga2", "s1_ga2", "s2_ga2", "s1_no_reduce_scatter",
         "s2_no_reduce_scatter", "s0_clip", "s1_clip", "s2_clip", "control", "nan_skip_s0", "nan_skip_s1",
         "nan_skip_s2_bf16", "resume_s1_fp32", "resume_s2_bf16", "tagged_s2", "moe_s1", "moe_s2", "moe_ep2_s1",
-        "moe_ep2_s2", "frozen", "layout_s1", "s1_bf16", "s1_bf16_fp32_accumulation"],
+        "moe_ep2_s2", "frozen", "s0_scattered", "layout_s1", "s1_bf16", "s1_bf16_fp32_accumulation"],
     3: ["s0_ga1", "s1_ga1", "s2_ga1", "s1_ga2", "s2_ga2", "control", "layout_s1", "elsewhere_s1_fp32"],
     4: ["s1_ga1", "s2_ga1", "s2_ga2", "layout_s1"],
 }
