@@ -1,4 +1,9 @@
-"""Quintic Newton-Schulz orthogonalization (Moonlight's coefficients), batched over same-shape matrices."""
+"""Quintic Newton-Schulz orthogonalization, batched over same-shape matrices.
+
+The default is Moonlight's iteration, the same coefficients every step. ``polar_express`` uses the
+per-step coefficients of Polar Express (Amsel et al., arXiv 2505.16932, 5 steps, safety factor 1.01):
+the same FLOPs, singular values much closer to 1 after 5 steps (see tests/test_newton_schulz.py).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +11,81 @@ import torch
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
+POLAR_EXPRESS = (  # (a, b, c) of steps 1..5; further steps repeat the last
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.01  # the input is scaled to norm 1/1.01 so that rounding cannot push sigma above 1
+COEFFICIENT_SETS = ("moonlight", "polar_express")
 
 
-def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximate U V^T of each (A, B) matrix in ``update`` (shape ``(A, B)`` or ``(N, A, B)``).
+def coefficients(name: str, steps: int) -> list[tuple[float, float, float]]:
+    if name == "moonlight":
+        return [NS_COEFFICIENTS] * steps
+    if name == "polar_express":
+        return [POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)] for i in range(steps)]
+    raise ValueError(f"unknown Newton-Schulz coefficients {name!r}; valid: {list(COEFFICIENT_SETS)}")
 
-    The iteration runs on the wide orientation (tall matrices are transposed, made contiguous so
-    the matmuls stay fast), after scaling each matrix to unit Frobenius norm. Returns float32.
+
+def normalize_(x: torch.Tensor, safety: float = 1.0) -> torch.Tensor:
+    """x <- x / (safety ||x||_F + eps) per matrix, in place, as if computed in float32.
+
+    Each matrix is first scaled by a power of two (exact) that brings its largest entry near 1, so that
+    the float32 sum of squares of a finite but huge matrix (entries of 1e18) cannot overflow to inf.
     """
+    peak = torch.linalg.vector_norm(x, ord=float("inf"), dim=(-2, -1), keepdim=True).to(torch.promote_types(x.dtype, torch.float32))
+    _mantissa, exponent = torch.frexp(torch.where(peak > 0, peak, torch.ones_like(peak)))
+    power = torch.ldexp(torch.ones_like(peak), -exponent)
+    x.mul_(power)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    return x.div_(norm * safety + NORM_EPS * power)
+
+
+def newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: str = "moonlight") -> torch.Tensor:
+    """Orthogonalize the (N, A, B) batch ``x`` in its own dtype; ``x`` is overwritten (normalized, then
+    used as one of two ping-pong buffers) and the result, ``x`` or a second buffer, is returned.
+
+    Tall matrices iterate as X <- aX + X (bG + cG^2) with G = X^T X: the transpose of the wide iteration,
+    without a transposed copy.
+    """
+    normalize_(x, _safety(coefficient_set))
+    return _iterate(x, steps, coefficient_set)
+
+
+def _safety(coefficient_set: str) -> float:
+    return POLAR_EXPRESS_SAFETY if coefficient_set == "polar_express" else 1.0
+
+
+def _iterate(x: torch.Tensor, steps: int, coefficient_set: str) -> torch.Tensor:
+    tall = x.size(-2) > x.size(-1)
+    side = x.size(-1) if tall else x.size(-2)
+    gram = x.new_empty(x.size(0), side, side)
+    poly = torch.empty_like(gram)
+    other = torch.empty_like(x)
+    for a, b, c in coefficients(coefficient_set, steps):
+        torch.bmm(x.mT, x, out=gram) if tall else torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)
+        if tall:
+            torch.baddbmm(x, x, poly, beta=a, alpha=1.0, out=other)
+        else:
+            torch.baddbmm(x, poly, x, beta=a, alpha=1.0, out=other)
+        x, other = other, x
+    return x
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
+                  coefficient_set: str = "moonlight") -> torch.Tensor:
+    """Approximate U V^T of each (A, B) matrix in ``update`` (shape ``(A, B)`` or ``(N, A, B)``): normalized
+    in float32, iterated in ``dtype``, on a copy; returns float32."""
     if update.ndim not in (2, 3):
         raise ValueError(f"orthogonalize takes (A, B) or (N, A, B) matrices, got shape {tuple(update.shape)}")
-    x = update if update.ndim == 3 else update.unsqueeze(0)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    x = x.float()
-    x = (x / (torch.linalg.matrix_norm(x, keepdim=True) + NORM_EPS)).to(dtype).contiguous()
-    a, b, c = NS_COEFFICIENTS
-    for _ in range(steps):
-        gram = torch.bmm(x, x.mT)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, poly, x, beta=a, alpha=1.0)
-    if tall:
-        x = x.mT
-    x = x.float()
-    return x if update.ndim == 3 else x.squeeze(0)
+    x = normalize_(update.to(torch.promote_types(update.dtype, torch.float32), copy=True), _safety(coefficient_set))
+    x = x if update.ndim == 3 else x.unsqueeze(0)
+    out = _iterate(x.to(dtype), steps, coefficient_set).float()
+    return out if update.ndim == 3 else out.squeeze(0)
 
 
 def ns_flops(shape: tuple[int, int], steps: int = 5) -> int:

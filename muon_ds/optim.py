@@ -6,19 +6,22 @@ Used as is in a single process. Engine adapters re-point it at the tensors the e
 
 from __future__ import annotations
 
-from collections import defaultdict
+import logging
+import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from muon_ds.exchange import gather_owned, scatter_updates
-from muon_ds.matrices import Views, classify
-from muon_ds.newton_schulz import orthogonalize
+from muon_ds.matrices import ATTRIBUTE, Views, classify
+from muon_ds import pipeline
+from muon_ds.newton_schulz import newton_schulz_
 from muon_ds.options import NS_DTYPES, MuonOptions
 from muon_ds.partition import GroupLayout, replicated_layout
-from muon_ds.plan import Piece
-from muon_ds.update import adamw_update, decay_weights, muon_momentum, update_scale
+from muon_ds.pipeline import Hyper
+from muon_ds.update import adamw_update, update_scale
+
+logger = logging.getLogger(__name__)
 
 ParamsArg = Union[Iterable[torch.Tensor], Iterable[tuple[str, torch.Tensor]], Iterable[dict[str, Any]]]
 
@@ -32,16 +35,27 @@ class Muon(torch.optim.Optimizer):
     ``weight_decay`` unless ``muon_lr`` / ``adam_lr`` override them. Options: :class:`MuonOptions`.
     """
 
+    # Keys an engine's own utilities put in param groups besides Muon's options (DeepSpeed MoE's
+    # split_params_into_different_moe_groups_for_optimizer); None: every other key is the engine's.
+    ENGINE_GROUP_KEYS: Optional[frozenset[str]] = frozenset({"moe", "name"})
+
     def __init__(self, params: ParamsArg, **options: Any) -> None:
         self.options = MuonOptions.parse(options)
         self.views: dict[torch.Tensor, Views] = {}
         self.param_names: dict[torch.Tensor, str] = {}
-        groups = []
+        self.group_options: list[MuonOptions] = []  # by group id: what the constructor asked for
+        self.skipped_steps = 0
+        groups, unnamed = [], []
         for index, group in enumerate(_as_groups(params)):
-            extra = {k: v for k, v in group.items() if k != "params"}
+            opts, extra = self._group_options(group, index)
             halves: dict[bool, list[torch.Tensor]] = {True: [], False: []}
             for position, item in enumerate(group["params"]):
                 name, tensor = item if isinstance(item, tuple) else (f"group{index}.param{position}", item)
+                if tensor in self.param_names:
+                    raise ValueError(f"parameter {name!r} is the same tensor as {self.param_names[tensor]!r}: "
+                                     "each tensor may appear once in a Muon optimizer")
+                if not isinstance(item, tuple) and not _tagged(tensor):
+                    unnamed.append(name)
                 views = classify(name, tensor)
                 self.param_names[tensor] = name
                 if views is not None:
@@ -49,14 +63,34 @@ class Muon(torch.optim.Optimizer):
                 halves[views is not None].append(tensor)
             for use_muon in (True, False):
                 if halves[use_muon]:
-                    groups.append({**extra, "params": halves[use_muon], "use_muon": use_muon,
-                                   "lr_ratio": self.options.lr_ratio(use_muon), "group_id": len(groups)})
-        defaults = self.options.model_dump(exclude={"muon_lr", "adam_lr"})
-        defaults.update(lr_ratio=1.0, use_muon=False)
+                    groups.append({**extra, **_hyper_parameters(opts, use_muon), "params": halves[use_muon],
+                                   "use_muon": use_muon, "group_id": len(groups)})
+                    self.group_options.append(opts)
+        if unnamed:
+            warnings.warn(f"Muon got {len(unnamed)} tensors without names (e.g. {unnamed[0]}): the rules that "
+                          "send embeddings, the output head and routers to AdamW need names, so every 2-D "
+                          "tensor goes to Muon. Pass model.named_parameters() (or tag tensors with "
+                          "param.use_muon)", UserWarning, stacklevel=2)
+        defaults = _hyper_parameters(self.options, False)
+        defaults.update(use_muon=False)
         super().__init__(groups, defaults)
         self.layouts: dict[int, GroupLayout] = {}  # by group id: engines replace the group dicts
         self.sync_group: Optional[dist.ProcessGroup] = None
         self.distributed = False
+        self.engine_checks_overflow = False  # the engine skips steps with non-finite gradients itself
+
+    def _group_options(self, group: dict[str, Any], index: int) -> tuple[MuonOptions, dict[str, Any]]:
+        """A group's options (the constructor's, overridden by the group's own keys), validated; and
+        the engine's keys the group carries."""
+        own = {k: v for k, v in group.items() if k in MuonOptions.model_fields}
+        extra = {k: v for k, v in group.items() if k != "params" and k not in own}
+        if self.ENGINE_GROUP_KEYS is not None:
+            unknown = sorted(set(extra) - self.ENGINE_GROUP_KEYS)
+            if unknown:
+                raise ValueError(f"Muon param group {index}: unknown key(s) {unknown}; valid keys are "
+                                 f"{sorted(MuonOptions.model_fields)}")
+        options = {**self.options.model_dump(exclude_unset=True), **own}
+        return MuonOptions.parse(options, where=f"Muon param group {index}"), extra
 
     def set_layout(self, group: dict[str, Any], layout: GroupLayout) -> None:
         """Engine adapters: the group's tensors hold these pieces; the plan says who holds the rest."""
@@ -83,6 +117,12 @@ class Muon(torch.optim.Optimizer):
             self.layouts[key] = replicated_layout([self.views[p] for p in group["params"]], 0, 1, group["ns_steps"])
         return self.layouts[key]
 
+    def _frozen(self, tensor: torch.Tensor) -> bool:
+        """A model parameter with requires_grad=False and no gradient never changes (the same on every
+        rank; a gradient set by hand still trains it, as in torch). Tensors an engine put in its place
+        (ZeRO's flat partitions, Megatron's shards) hold trainable parameters only."""
+        return tensor in self.param_names and not tensor.requires_grad and tensor.grad is None
+
     def _grads_finite(self) -> bool:
         """All gradients finite, agreed across ranks when distributed (else every rank skips)."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -103,7 +143,10 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        if not self.engine_checks_overflow and not self._grads_finite():
+            self.skipped_steps += 1
+            logger.warning("muon_ds: a gradient is not finite, the step is skipped with momentum untouched "
+                           "(%d skipped so far)", self.skipped_steps)
             return loss
         for group in self.param_groups:
             if group["use_muon"]:
@@ -127,61 +170,115 @@ class Muon(torch.optim.Optimizer):
                          group["betas"], group["eps"], group["weight_decay"])
 
     def _muon_step(self, group: dict[str, Any]) -> None:
+        """Follow the layout's route through the pipeline (muon_ds/pipeline.py)."""
         layout = self._layout(group)
         dtype = NS_DTYPES[group["ns_dtype"]]
-        device = group["params"][0].device if group["params"] else layout.device
-        to_orthogonalize: dict[Piece, torch.Tensor] = {}
-        updated = []
-        for p, pieces in zip(group["params"], layout.local):
-            if p.grad is None and not self.distributed:
+        tensors = group["params"]
+        device = tensors[0].device if tensors else layout.device
+        # Left out: frozen matrices (the same on every rank), and in one process those without a gradient.
+        active = [not self._frozen(p) and (p.grad is not None or self.distributed) for p in tensors]
+        skip = frozenset(piece.key for p, pieces, a in zip(tensors, layout.local, active) if not a
+                         for piece, _offset in pieces)
+        if not any(active) and not self.distributed:
+            return
+        params, grads, momenta = [], [], []
+        for p, a in zip(tensors, active):
+            if not a:
+                params.append(None), grads.append(None), momenta.append(None)
                 continue
-            grad = torch.zeros_like(p) if p.grad is None else p.grad
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            u = muon_momentum(grad, state["momentum_buffer"], group["momentum"], group["nesterov"]).reshape(-1)
-            for piece, offset in pieces:
-                to_orthogonalize[piece] = u[offset:offset + piece.numel].to(dtype)
-            updated.append((p, pieces))
-        if not updated and not self.distributed:
-            return
-        plan = layout.plan
-        present = None if self.distributed else {piece.key for piece in to_orthogonalize}
-        full = gather_owned(plan, layout.rank, to_orthogonalize, layout.process_group, dtype, device, present)
-        by_shape: dict[tuple[int, int], list[str]] = defaultdict(list)
-        for key in full:
-            by_shape[plan.matrices[key].shape].append(key)
-        directions = {}
-        for shape, keys in by_shape.items():
-            stacked = orthogonalize(torch.stack([full[k] for k in keys]), group["ns_steps"], dtype)
-            directions.update(zip(keys, stacked.unbind(0)))
-        wanted = [piece for _p, pieces in updated for piece, _offset in pieces]
-        local = scatter_updates(plan, layout.rank, directions, wanted, layout.process_group, dtype, device)
-        lr = group["lr"] * group["lr_ratio"]
-        for p, pieces in updated:
-            decay_weights(p, lr, group["weight_decay"])
-            flat = p.view(-1)
-            for piece, offset in pieces:
-                scale = update_scale(plan.matrices[piece.key].shape, group["scale"])
-                scale *= group.get("scale_multiplier", 1.0)  # engines' extra factor (Megatron's extra_scale_factor)
-                flat[offset:offset + piece.numel].add_(local[piece].to(p.dtype), alpha=-lr * scale)
+            params.append(p)
+            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)  # distributed: every rank joins
+            momenta.append(state["momentum_buffer"])
+        route = layout.route(skip, dtype, device)
+        shapes = {}
+
+        def scale(shape: tuple[int, int]) -> float:
+            if shape not in shapes:
+                shapes[shape] = update_scale(shape, group["scale"]) * group["extra_scale"]
+            return shapes[shape]
+
+        hyper = Hyper(group["lr"] * group["lr_ratio"], group["weight_decay"], group["momentum"], group["nesterov"],
+                      scale)
+        steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+        pipeline.run(route, params, grads, momenta, hyper,
+                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients), dtype, device,
+                     layout.process_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuses state whose tensors do not fit this optimizer's (e.g. saved at another ZeRO world size)."""
-        groups = self.param_groups
-        ids = [p for g in state_dict["param_groups"] for p in g["params"]]
-        tensors = [p for g in groups for p in g["params"]]
-        if len(ids) != len(tensors):
-            raise ValueError(f"optimizer state has {len(ids)} tensors, this optimizer {len(tensors)}: "
-                             "it was saved for another model or parameter grouping")
-        for saved_id, tensor in zip(ids, tensors):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
-                if torch.is_tensor(value) and value.dim() and value.shape != tensor.shape:
-                    name = self.param_names.get(tensor, f"flat tensor of {tensor.numel()} elements")
-                    raise ValueError(f"optimizer state {key!r} of {name} has shape {tuple(value.shape)}, the "
-                                     f"tensor {tuple(tensor.shape)}: saved under a different partitioning "
-                                     "(data-parallel world size); resume at the same world size")
+        """Load momentum and AdamW moments; the hyper-parameters are the constructor's (logged where the
+        checkpoint's differ), except ``lr``, which a scheduler owns and the checkpoint carries.
+
+        State that does not fit this optimizer (another optimizer's, another model's, another
+        partitioning's) is refused, saying what differs.
+        """
+        self._check_fits(state_dict)
         super().load_state_dict(state_dict)
+        changed: dict[str, tuple[Any, Any]] = {}
+        for group in self.param_groups:
+            wanted = _hyper_parameters(self.group_options[self._group_index(group)], group["use_muon"])
+            for key, value in wanted.items():
+                if key != "lr" and _plain(group.get(key)) != _plain(value):
+                    changed.setdefault(key, (_plain(group.get(key)), _plain(value)))
+                    group[key] = value
+        for key, (saved, value) in changed.items():
+            logger.warning("muon_ds: resuming with %s=%r as configured; the checkpoint had %r", key, value, saved)
+
+    def _check_fits(self, state_dict: dict[str, Any]) -> None:
+        saved, groups = state_dict["param_groups"], self.param_groups
+        if any("use_muon" not in g for g in saved):
+            raise ValueError("this optimizer state was not saved by muon_ds's Muon (its param groups have no "
+                             "'use_muon' key: another optimizer's, e.g. AdamW's): it has no Muon momentum. Load "
+                             "only the model weights and start the optimizer fresh")
+        if [g["use_muon"] for g in saved] != [g["use_muon"] for g in groups]:
+            raise ValueError(f"the optimizer state has param groups {_sides(saved)}, this optimizer "
+                             f"{_sides(groups)}: it was saved for another model or parameter grouping")
+        for index, (old, new) in enumerate(zip(saved, groups)):
+            if len(old["params"]) != len(new["params"]):
+                raise ValueError(f"param group {index} ({_sides([new])[0]}) has {len(old['params'])} tensors in the "
+                                 f"optimizer state, {len(new['params'])} here: it was saved for another model")
+            for saved_id, tensor in zip(old["params"], new["params"]):
+                for key, value in state_dict["state"].get(saved_id, {}).items():
+                    if torch.is_tensor(value) and value.dim() and value.shape != tensor.shape:
+                        self._refuse_shape(tensor, key, value)
+
+    def _refuse_shape(self, tensor: torch.Tensor, key: str, value: torch.Tensor) -> None:
+        if tensor in self.param_names:
+            raise ValueError(f"optimizer state {key!r} of {self.param_names[tensor]} has shape "
+                             f"{tuple(value.shape)}, the parameter {tuple(tensor.shape)}: it was saved for "
+                             "another model")
+        raise ValueError(f"optimizer state {key!r} of a flat tensor of {tensor.numel()} elements has shape "
+                         f"{tuple(value.shape)}: it was saved for another model or another partitioning "
+                         "(data-parallel world size)")
+
+
+def _sides(groups: list[dict[str, Any]]) -> list[str]:
+    return ["Muon" if g["use_muon"] else "AdamW" for g in groups]
+
+
+def _plain(value: Any) -> Any:
+    """Tuples come back from a checkpoint as lists: compare and print them alike."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight") -> torch.Tensor:
+    """The step's Newton-Schulz of one (N, A, B) NS-dtype batch, in place (a module-level name, so that
+    benchmarks can time it)."""
+    return newton_schulz_(batch, steps, coefficient_set)
+
+
+def _hyper_parameters(options: MuonOptions, use_muon: bool) -> dict[str, Any]:
+    """The group keys the step reads; the side's lr override becomes ``lr_ratio``."""
+    values = options.model_dump(exclude={"muon_lr", "adam_lr"})
+    values["lr_ratio"] = options.lr_ratio(use_muon)
+    return values
+
+
+def _tagged(tensor: torch.Tensor) -> bool:
+    """Classified by the user, not by name rules."""
+    return hasattr(tensor, ATTRIBUTE) or hasattr(tensor, "use_muon")
 
 
 def _as_groups(params: ParamsArg) -> list[dict[str, Any]]:

@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _not_bool(value: Any) -> Any:
+    """pydantic's lax mode reads True as 1: a boolean where a number belongs is a mistake, not a value."""
+    if isinstance(value, bool):
+        raise ValueError(f"a number is required, got the boolean {value}")
+    return value
+
+
+Real = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Count = Annotated[int, BeforeValidator(_not_bool)]
+
+
 class MuonOptions(BaseModel):
-    """Muon's hyper-parameters, AdamW's lr and weight decay carrying over (Moonlight defaults)."""
+    """Muon's hyper-parameters, AdamW's lr and weight decay carrying over (Moonlight defaults).
+
+    The same keys may be given per param group; each group's merged options are validated too.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    lr: float = Field(1e-3, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.95, ge=0, lt=1)
+    lr: Real = Field(1e-3, ge=0)
+    weight_decay: Real = Field(0.0, ge=0)
+    momentum: Real = Field(0.95, ge=0, lt=1)
     nesterov: bool = True
-    ns_steps: int = Field(5, ge=1)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    ns_steps: Count = Field(5, ge=1)
+    betas: tuple[Real, Real] = (0.9, 0.95)
+    eps: Real = Field(1e-8, gt=0)
     scale: Literal["moonlight", "shape_scaling", "none"] = "moonlight"
+    extra_scale: Real = Field(1.0, gt=0)  # a factor on top of ``scale`` (Megatron's --muon-extra-scale-factor)
     ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    muon_lr: Optional[float] = Field(None, ge=0)
-    adam_lr: Optional[float] = Field(None, ge=0)
+    ns_coefficients: Literal["moonlight", "polar_express"] = "moonlight"  # see muon_ds/newton_schulz.py
+    muon_lr: Optional[Real] = Field(None, ge=0)
+    adam_lr: Optional[Real] = Field(None, ge=0)
 
     @field_validator("scale", mode="before")
     @classmethod

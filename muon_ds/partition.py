@@ -6,7 +6,7 @@ exchange plan, identically on all ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from muon_ds.matrices import MatrixView, Views
 from muon_ds.plan import ExchangePlan, Holding, Matrix, Piece, make_plan
+from muon_ds.route import Route, cached_route
 
 
 @dataclass
@@ -25,6 +26,11 @@ class GroupLayout:
     rank: int = 0
     process_group: Optional[dist.ProcessGroup] = None
     device: Optional[torch.device] = None  # for the exchange when this rank holds none of the group's tensors
+    routes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def route(self, skip: frozenset[str], dtype: torch.dtype, device: torch.device) -> Route:
+        """The step's index arithmetic, computed once per set of left-out (frozen) matrices."""
+        return cached_route(self.routes, self.local, self.plan, self.rank, skip, dtype.itemsize, device.type)
 
 
 def replicated_layout(tensor_views: Sequence[Views], rank: int, world_size: int, ns_steps: int,

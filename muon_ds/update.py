@@ -1,4 +1,5 @@
-"""Moonlight's per-tensor update rules: Muon's momentum and scale, decoupled weight decay, AdamW."""
+"""Moonlight's per-tensor update rules: Muon's scale, decoupled weight decay, AdamW (Muon's momentum and
+Nesterov act on whole batches: :mod:`muon_ds.pipeline`)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,6 @@ def update_scale(shape: tuple[int, int], mode: str) -> float:
     if mode == "none":
         return 1.0
     raise ValueError(f"unknown Muon scale mode {mode!r}; valid modes are {list(SCALE_MODES)}")
-
-
-def muon_momentum(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
-    """m <- mu m + g (in place); returns g + mu m (Nesterov) or m, the matrix to orthogonalize."""
-    buf.mul_(momentum).add_(grad)
-    return grad.add(buf, alpha=momentum) if nesterov else buf
 
 
 def decay_weights(param: torch.Tensor, lr: float, weight_decay: float) -> None:

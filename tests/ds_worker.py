@@ -47,7 +47,24 @@ def train(engine: deepspeed.DeepSpeedEngine, steps: range, poison_step: int | No
 
 
 def weights(engine: deepspeed.DeepSpeedEngine) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    return weights_of(engine.module)
+
+
+def scattered_zero0() -> dict[str, torch.Tensor]:
+    """ZeRO-0 with the cost model tilted so that each rank orthogonalizes its share and sends the results
+    (at this size it would otherwise orthogonalize every matrix on every rank)."""
+    from muon_ds import route
+
+    real = route.THROUGHPUT["cpu"]
+    route.THROUGHPUT["cpu"] = (1e6, 1e15)
+    try:
+        return trained(ds_config(0, dist.get_world_size()))
+    finally:
+        route.THROUGHPUT["cpu"] = real
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
 def trained(config: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -103,7 +120,7 @@ def skip_check(config: dict[str, Any], poison_step: int) -> dict[str, Any]:
     same_m = len(before_m) == len(after_m) and all(torch.equal(a, b) for a, b in zip(before_m, after_m))
     train(engine, range(2, 4))
     return {"weights_same": all_ranks(same_w), "momentum_same": all_ranks(same_m),
-            "skipped": engine.skipped_steps, "moved": not all(torch.equal(after_w[k], weights(engine)[k])
+            "skipped": engine.skipped_steps, "muon_skipped": engine.basic_optimizer.skipped_steps, "moved": not all(torch.equal(after_w[k], weights(engine)[k])
                                                               for k in after_w)}
 
 
@@ -142,9 +159,16 @@ class TinyMoE(torch.nn.Module):
         expert = torch.nn.Sequential(torch.nn.Linear(WIDTH, 32), torch.nn.Tanh(), torch.nn.Linear(32, WIDTH))
         self.moe = MoE(WIDTH, expert, num_experts=4, ep_size=ep_size, k=1, drop_tokens=False, use_rts=False)
         self.lm_head = torch.nn.Linear(WIDTH, VOCAB, bias=False)
-        torch.manual_seed(1)
-        for p in self.moe.parameters():  # distinct experts, identical on every rank
-            torch.nn.init.normal_(p, std=0.2)
+        # Distinct experts, each global expert the same whatever the expert-parallel size.
+        gate = torch.Generator().manual_seed(1)
+        local = self.moe.num_local_experts
+        with torch.no_grad():
+            for p in self.moe.deepspeed_moe.gate.parameters():
+                p.copy_(torch.randn(p.shape, generator=gate) * 0.2)
+            for i, expert_module in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+                init = torch.Generator().manual_seed(100 + global_expert(i, local, ep_size))
+                for p in expert_module.parameters():
+                    p.copy_(torch.randn(p.shape, generator=init) * 0.2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens[:, :-1])
@@ -153,14 +177,55 @@ class TinyMoE(torch.nn.Module):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
 
 
-def moe(stage: int) -> dict[str, Any]:
-    model = TinyMoE(ep_size=1)
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts."
+
+
+def global_expert(local_index: int, local_count: int, ep_size: int) -> int:
+    """DeepSpeed's MOELayer dispatches to expert-parallel rank r's experts r * local_count + i."""
+    ep_rank = dist.get_rank() % ep_size
+    return ep_rank * local_count + local_index
+
+
+def global_names(state: dict[str, torch.Tensor], local_count: int, ep_size: int) -> dict[str, torch.Tensor]:
+    """Expert weights of every rank under their global expert numbers (rank 0 gets them all)."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith(EXPERTS):
+            index, rest = key[len(EXPERTS):].split(".", 1)
+            key = f"{EXPERTS}{global_expert(int(index), local_count, ep_size)}.{rest}"
+        renamed[key] = value
+    everyone: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(everyone, renamed)
+    return {k: v for theirs in everyone for k, v in theirs.items()}
+
+
+def moe(stage: int, ep_size: int = 1) -> dict[str, Any]:
+    model = TinyMoE(ep_size=ep_size)
+    local = model.moe.num_local_experts
+    start = global_names({k: v.detach().clone() for k, v in model.state_dict().items()}, local, ep_size)
     engine = engine_for(ds_config(stage, dist.get_world_size()), model)
     train(engine, range(STEPS))
     muon = engine.basic_optimizer
     experts = sorted(v.key for views in muon.views.values() for v in views if "experts" in v.key)
-    return {"start": start, "weights": weights(engine), "expert_matrices": experts, "counts": muon.counts()}
+    return {"start": start, "weights": global_names(weights(engine), local, ep_size), "expert_matrices": experts,
+            "counts": muon.counts()}
+
+
+def frozen() -> dict[int, dict[str, bool]]:
+    """A frozen (requires_grad=False) hidden matrix stays bit-identical at every ZeRO stage."""
+    found = {}
+    for stage in (0, 1, 2):
+        model = make_model()
+        model.mix.weight.requires_grad_(False)
+        start = weights_of(model)
+        engine = engine_for(ds_config(stage, dist.get_world_size()), model)
+        train(engine, range(STEPS))
+        end = weights(engine)
+        found[stage] = {"frozen_same": all_ranks(torch.equal(start["mix.weight"], end["mix.weight"])),
+                        "others_moved": not torch.equal(start["up.weight"], end["up.weight"])}
+    return found
+
+
 
 
 def tagged() -> dict[str, torch.Tensor]:
@@ -258,6 +323,10 @@ def _register_defaults() -> None:
     scenario("moe_s0", lambda out: moe(0))
     scenario("moe_s1", lambda out: moe(1))
     scenario("moe_s2", lambda out: moe(2))
+    scenario("moe_ep2_s1", lambda out: moe(1, ep_size=2))
+    scenario("moe_ep2_s2", lambda out: moe(2, ep_size=2))
+    scenario("frozen", lambda out: frozen())
+    scenario("s0_scattered", lambda out: scattered_zero0())
     scenario("tagged_s2", lambda out: tagged())
     scenario("layout_s1", lambda out: layout_stats())
     scenario("errors", lambda out: errors())

@@ -1,10 +1,14 @@
 """The single-process optimizer is Moonlight's Muon + AdamW: checked against an independent float64 version."""
 
 import copy
+import logging
 import math
+import warnings
+from typing import Any, Optional
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from muon_ds.optim import Muon
@@ -131,9 +135,166 @@ def test_loading_state_of_another_partitioning_is_refused() -> None:
         Muon(model().named_parameters(), lr=LR).load_state_dict(state)
 
 
-def test_side_learning_rates_follow_a_scheduler() -> None:
+def one_step(opt_options: dict, lr: Optional[float] = None, grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """The weight change of one step on ``model()`` with gradients(0) (times ``grad_scale``)."""
     net = model()
-    opt = Muon(net.named_parameters(), lr=1e-3, muon_lr=4e-3)
-    for g in opt.param_groups:  # what a scheduler does: one lr for every group
-        g["lr"] = 2e-3
-    assert [g["lr"] * g["lr_ratio"] for g in opt.param_groups] == [pytest.approx(8e-3), pytest.approx(2e-3)]
+    start = {k: v.detach().clone() for k, v in net.named_parameters()}
+    opt = Muon(net.named_parameters(), **opt_options)
+    if lr is not None:
+        for g in opt.param_groups:  # what a scheduler does: one lr for every group
+            g["lr"] = lr
+    for k, p in net.named_parameters():
+        p.grad = gradients(0, net)[k].float() * grad_scale
+    opt.step()
+    return {k: p.detach() - start[k] for k, p in net.named_parameters()}
+
+
+def test_side_learning_rates_follow_a_scheduler() -> None:
+    scheduled = one_step({"lr": 1e-3, "muon_lr": 4e-3, "ns_dtype": "float32"}, lr=2e-3)
+    muon_at_8e3 = one_step({"lr": 8e-3, "ns_dtype": "float32"})
+    adamw_at_2e3 = one_step({"lr": 2e-3, "ns_dtype": "float32"})
+    for k, delta in scheduled.items():
+        expected = muon_at_8e3[k] if k in ("up.weight", "down.weight") else adamw_at_2e3[k]
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"momentum": 1.5}, "Muon param group 0: momentum: Input should be less than 1"),
+    ({"ns_steps": 0}, "Muon param group 0: ns_steps: Input should be greater than or equal to 1"),
+    ({"weight_decay": -0.1}, "Muon param group 0: weight_decay: Input should be greater than or equal to 0"),
+    ({"lr": float("inf")}, "Muon param group 0: lr: Input should be a finite number"),
+    ({"momentm": 0.9}, r"Muon param group 0: unknown key\(s\) \['momentm'\]; valid keys are \['adam_lr'"),
+])
+def test_param_group_overrides_are_validated(override: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Muon([{"params": list(model().named_parameters()), **override}], lr=LR)
+
+
+def test_param_group_override_is_used() -> None:
+    net = model()
+    named = dict(net.named_parameters())
+    opt = Muon([{"params": [("up.weight", named["up.weight"])], "momentum": 0.5, "muon_lr": 0.04},
+                {"params": [(k, v) for k, v in named.items() if k != "up.weight"]}], lr=LR)
+    assert [(g["momentum"], g["lr_ratio"]) for g in opt.param_groups] == [(0.5, 2.0), (0.95, 1.0), (0.95, 1.0)]
+
+
+def test_huge_finite_gradient_gives_the_same_update() -> None:
+    """Newton-Schulz sees g / ||g||: a finite gradient of 1e18 scale (its float32 sum of squares overflows)."""
+    options = {"lr": LR, "ns_dtype": "float32"}
+    normal, huge = one_step(options), one_step(options, grad_scale=1e18)
+    for k in ("up.weight", "down.weight"):
+        assert float(huge[k].norm()) > 0
+        torch.testing.assert_close(huge[k], normal[k], rtol=1e-4, atol=1e-7)
+
+
+def test_unnamed_parameters_warn_naming_the_fix() -> None:
+    with pytest.warns(UserWarning, match=r"every 2-D tensor goes to Muon. Pass model.named_parameters\(\)"):
+        Muon(model().parameters(), lr=LR)
+    net = model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Muon(net.named_parameters(), lr=LR)
+        for p in net.parameters():
+            p.use_muon = p.ndim == 2
+        Muon(net.parameters(), lr=LR)  # tagged by the user: nothing to warn about
+
+
+def test_skipped_step_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    net = model()
+    opt = Muon(net.named_parameters(), lr=LR)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    net["up"].weight.grad[0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="muon_ds.optim"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert "the step is skipped with momentum untouched (1 skipped so far)" in caplog.text
+    net["up"].weight.grad[0, 0] = 1.0
+    opt.step()
+    assert opt.skipped_steps == 1
+
+
+def test_same_tensor_twice_is_refused_at_construction() -> None:
+    net = model()
+    with pytest.raises(ValueError, match="parameter 'again' is the same tensor as 'up.weight'"):
+        Muon([{"params": [("up.weight", net["up"].weight)]}, {"params": [("again", net["up"].weight)]}], lr=LR)
+
+
+def stepped_state(net: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return copy.deepcopy(opt.state_dict())
+
+
+def test_loading_another_optimizers_state_is_a_clear_error() -> None:
+    net = model()
+    state = stepped_state(net, torch.optim.AdamW(net.parameters()))
+    with pytest.raises(ValueError, match="not saved by muon_ds's Muon .* another optimizer's, e.g. AdamW's"):
+        Muon(model().named_parameters(), lr=LR).load_state_dict(state)
+
+
+def test_loading_a_changed_models_state_says_what_differs() -> None:
+    net = model()
+    state = stepped_state(net, Muon(net.named_parameters(), lr=LR))
+    wider = model()
+    wider["up"] = nn.Linear(8, 21)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of up.weight has shape \(20, 8\), the parameter "
+                                         r"\(21, 8\): it was saved for another model"):
+        Muon(wider.named_parameters(), lr=LR).load_state_dict(state)
+    deeper = model()
+    deeper["mid"] = nn.Linear(8, 8, bias=False)
+    with pytest.raises(ValueError, match=r"param group 0 \(Muon\) has 2 tensors in the optimizer state, 3 here"):
+        Muon(deeper.named_parameters(), lr=LR).load_state_dict(state)
+
+
+def test_resume_applies_the_configured_hyper_parameters(caplog: pytest.LogCaptureFixture) -> None:
+    """Changed momentum / weight decay / scale on resume: the new values train, and the change is logged."""
+    net = model()
+    saved_weights = copy.deepcopy(net.state_dict())
+    state = stepped_state(net, Muon(net.named_parameters(), lr=LR, weight_decay=WD))
+    changed = {"lr": LR, "weight_decay": 0.2, "momentum": 0.5, "scale": "shape_scaling", "ns_dtype": "float32"}
+
+    def resumed(checkpoint: dict) -> dict[str, torch.Tensor]:
+        again = model()
+        again.load_state_dict(saved_weights)
+        opt = Muon(again.named_parameters(), **changed)
+        opt.load_state_dict(copy.deepcopy(checkpoint))
+        stepped_state(again, opt)
+        return again.state_dict()
+
+    with caplog.at_level(logging.WARNING, logger="muon_ds.optim"):
+        got = resumed(state)
+    assert "resuming with momentum=0.5 as configured; the checkpoint had 0.95" in caplog.text
+    assert "resuming with scale='shape_scaling' as configured; the checkpoint had 'moonlight'" in caplog.text
+    edited = copy.deepcopy(state)
+    for group in edited["param_groups"]:  # the checkpoint as if saved with the new values
+        group.update({k: v for k, v in changed.items() if k != "lr"})
+    expected = resumed(edited)
+    assert all(torch.equal(v, expected[k]) for k, v in got.items())
+
+
+def test_frozen_matrices_never_change_when_distributed() -> None:
+    """A replicated layout over a process group (ZeRO-0) must not treat a frozen matrix's missing
+    gradient as zero (weight decay and momentum would then move it)."""
+    from muon_ds.partition import replicated_layout
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = model()
+        net["down"].weight.requires_grad_(False)
+        frozen = net["down"].weight.detach().clone()
+        opt = Muon(net.named_parameters(), lr=LR, weight_decay=WD)
+        for group in opt.param_groups:
+            if group["use_muon"]:
+                opt.set_layout(group, replicated_layout([opt.views[p] for p in group["params"]], 0, 1,
+                                                        group["ns_steps"], dist.group.WORLD))
+        for step in range(2):
+            for k, p in net.named_parameters():
+                p.grad = gradients(step, net)[k].float() if p.requires_grad else None
+            opt.step()
+        assert torch.equal(net["down"].weight, frozen)
+        assert not opt.state[net["down"].weight]
+        assert not torch.equal(net["up"].weight, model()["up"].weight)
+    finally:
+        dist.destroy_process_group()

@@ -18,7 +18,9 @@ def test_unknown_key_is_named_with_the_valid_ones() -> None:
 
 @pytest.mark.parametrize("key,value", [("lr", -1.0), ("momentum", 1.0), ("ns_steps", 0), ("eps", 0.0),
                                        ("betas", [0.9, 1.0]), ("scale", "rms"), ("ns_dtype", "float16"),
-                                       ("weight_decay", -0.1), ("muon_lr", -2.0)])
+                                       ("weight_decay", -0.1), ("muon_lr", -2.0), ("lr", float("inf")),
+                                       ("lr", True), ("eps", float("inf")), ("eps", True), ("ns_steps", True),
+                                       ("extra_scale", 0.0)])
 def test_invalid_values_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"Muon optimizer params: {key}"):
         MuonOptions.parse({key: value})

@@ -74,3 +74,21 @@ def test_balance_may_move_a_whole_matrix_off_an_overloaded_rank() -> None:
     views = [MatrixView.whole("a", (4, 6)), MatrixView.whole("b", (6, 4)), MatrixView.whole("c", (4, 4))]
     plan = partitioned_layout([(views[0], 0), (views[1], 24), (views[2], 48)], 32, 0, 2, 5).plan
     assert plan.owner == {"a": 0, "b": 1, "c": 0}
+
+
+def test_replicated_layouts_choose_by_the_cost_model() -> None:
+    """Small matrices: every rank orthogonalizes them all (cheaper than receiving results); large ones on
+    GPUs: each rank its share, then the results are exchanged."""
+    from muon_ds.matrices import MatrixView
+    from muon_ds.route import is_replicated, redundant_is_cheaper
+
+    def plan(shape: tuple[int, int], count: int, world: int):
+        views = [(MatrixView.whole(f"m{i}", shape),) for i in range(count)]
+        return replicated_layout(views, rank=0, world_size=world, ns_steps=5).plan
+
+    tiny, small, large = plan((8, 8), 16, 8), plan((64, 64), 16, 8), plan((4096, 4096), 16, 8)
+    assert is_replicated(small) and is_replicated(large)
+    assert redundant_is_cheaper(small, 2, "cuda") and redundant_is_cheaper(tiny, 2, "cpu")
+    assert not redundant_is_cheaper(large, 2, "cuda") and not redundant_is_cheaper(small, 2, "cpu")
+    views = [MatrixView.whole("w", (4, 6))]
+    assert not is_replicated(partitioned_layout([(views[0], 0)], 12, 0, 2, 5).plan)

@@ -39,8 +39,10 @@ def _flat_groups(wrapper: Any) -> Iterator[tuple[list[torch.Tensor], list[int], 
 def attach_layouts(wrapper: Any, muon: Muon) -> None:
     """Give each Muon group the layout of the tensors the wrapper hands to ``muon.step``."""
     if isinstance(wrapper, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
-        # fp32 ZeRO does not check gradients by default; a non-finite step must be skipped whole.
+        # fp32 ZeRO does not check gradients by default; a non-finite step must be skipped whole. The
+        # wrapper then skips it before calling Muon, so Muon needs no agreement of its own.
         wrapper.check_grad_overflow = True
+        muon.engine_checks_overflow = True
         for group, (params, offsets, size, pg) in zip(muon.param_groups, _flat_groups(wrapper)):
             if group["use_muon"]:
                 spans = [(view, offset + view.offset) for param, offset in zip(params, offsets)

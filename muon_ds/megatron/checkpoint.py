@@ -50,6 +50,8 @@ class MegatronMuon(Muon):
     gradient), and each group counts its steps for TransformerEngine-style checkpoints.
     """
 
+    ENGINE_GROUP_KEYS = None  # megatron-core builds the groups: keys besides Muon's options are its own
+
     def init_state(self, *_args: Any) -> None:
         """Create every tensor's state now (megatron-core's ``init_state_fn`` signature)."""
         for group in self.param_groups:

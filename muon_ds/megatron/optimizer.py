@@ -162,11 +162,10 @@ def _build(config: OptimizerConfig, settings: MuonSettings, model_chunks: List[M
     inner = None
     if params:
         mode, multiplier = settings.core_scale
-        named = [dict(g, scale_multiplier=multiplier) for g in param_groups]
-        inner = MegatronMuon(named, lr=config.lr, weight_decay=config.weight_decay, momentum=settings.momentum,
+        inner = MegatronMuon(param_groups, lr=config.lr, weight_decay=config.weight_decay, momentum=settings.momentum,
                              nesterov=settings.nesterov, ns_steps=settings.ns_steps,
                              betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps, scale=mode,
-                             ns_dtype=settings.ns_dtype)
+                             ns_dtype=settings.ns_dtype, extra_scale=multiplier)
     model_params = [list(g["params"]) for g in inner.param_groups] if inner else []
     init_state = inner.init_state if inner else None
     if config.fp16 or config.bf16 or config.use_distributed_optimizer:

@@ -1,0 +1,205 @@
+"""How close the Muon step is to its unavoidable work: Newton-Schulz plus one pass of elementwise updates.
+
+For a host-bound model (thousands of small matrices) and an NS-bound one (a few large ones), single
+process and 2 ranks (gloo, a ZeRO-1-like flat partition cut through the matrices), it prints:
+the step time; the NS time of the same matrices (each rank's owned ones) batched by shape; the time of the
+ideal foreach elementwise work (momentum, Nesterov, weight decay, update on the rank's tensors); the
+ratio step / (NS + elementwise) (target <= 1.15); and the peak temporary memory of a step over the bf16
+size of the rank's Muon elements (target <= 1.5). On CPU the memory is the growth of peak RSS during
+one step, with glibc returning freed blocks at once (MALLOC_MMAP_THRESHOLD_); on CUDA the allocator's peak.
+
+    python benchmarks/optimizer_step.py [--repeats 5] [--ns-dtype bfloat16] [--models host,ns] [--worlds 1,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+MODELS = {  # name: (count, rows, cols) per shape
+    "host": [(1536, 32, 64), (1536, 64, 32)],
+    "ns": [(2, 512, 1536), (2, 1536, 512)],
+}
+LR, WD, MOMENTUM = 0.02, 0.1, 0.95
+
+
+def device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up call, all ranks started together."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if dist.is_initialized():
+            dist.barrier()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_temporary_bytes(fn: Callable[[], object]) -> int:
+    """Memory a call needs beyond what exists before and after it."""
+    if torch.cuda.is_available():
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - before
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+    before = rss_kib("VmRSS")
+    fn()
+    return (rss_kib("VmHWM") - before) * 1024
+
+
+def build(model: str, ns_dtype: str, rank: int, world: int):
+    """The model's matrices (identical on every rank), a Muon over them and this rank's tensors."""
+    from muon_ds.optim import Muon
+    from muon_ds.partition import partitioned_layout
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(rows, cols) for count, rows, cols in MODELS[model] for _ in range(count)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device()) * 0.02) for s in shapes]
+    named = [(f"layers.{i}.weight", p) for i, p in enumerate(params)]
+    opt = Muon(named, lr=LR, weight_decay=WD, momentum=MOMENTUM, ns_dtype=ns_dtype)
+    (group,) = opt.param_groups
+    if world == 1:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(device())
+        return opt, params, [(p.shape, 1) for p in params], sum(p.numel() for p in params)
+    total = sum(p.numel() for p in params)
+    size = -(-total // world)
+    flat = torch.zeros(size * world, device=device())
+    spans, offset = [], 0
+    for p in params:
+        flat[offset:offset + p.numel()] = p.detach().reshape(-1)
+        spans.append((opt.views[p][0], offset))
+        offset += p.numel()
+    part = torch.nn.Parameter(flat[rank * size:(rank + 1) * size].clone())
+    part.grad = torch.randn(size, generator=gen).to(device())
+    layout = partitioned_layout(spans, size, rank, world, group["ns_steps"], dist.group.WORLD)
+    group["params"] = [part]
+    opt.set_layout(group, layout)
+    owned = [(m.shape, 1) for m in layout.plan.owned(rank)]
+    return opt, [part], owned, size
+
+
+def ns_batched(owned, ns_dtype: str) -> Callable[[], object]:
+    from muon_ds.newton_schulz import orthogonalize
+
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for shape, n in owned:
+        counts[tuple(shape)] += n
+    batches = [torch.randn(n, *shape, device=device()) for shape, n in counts.items()]
+    dtype = getattr(torch, ns_dtype)
+    return lambda: [orthogonalize(b, 5, dtype) for b in batches]
+
+
+def elementwise(tensors: list[torch.Tensor]) -> Callable[[], object]:
+    """The ideal non-NS work: m <- mu m + g, u <- g + mu m, W <- W (1 - lr wd) - lr s u, as foreach ops."""
+    grads = [torch.randn_like(t) for t in tensors]
+    momenta = [torch.zeros_like(t) for t in tensors]
+    weights = [t.detach().clone() for t in tensors]
+
+    def run() -> None:
+        torch._foreach_mul_(momenta, MOMENTUM)
+        torch._foreach_add_(momenta, grads)
+        nesterov = torch._foreach_add(grads, momenta, alpha=MOMENTUM)
+        torch._foreach_mul_(weights, 1 - LR * WD)
+        torch._foreach_add_(weights, nesterov, alpha=-LR)
+
+    return run
+
+
+def measure(model: str, ns_dtype: str, repeats: int, rank: int, world: int) -> dict[str, float]:
+    opt, tensors, owned, local_numel = build(model, ns_dtype, rank, world)
+    opt.step()  # momentum buffers exist from here on
+    step = timed(opt.step, repeats)
+    ns = timed(ns_batched(owned, ns_dtype), repeats)
+    ew = timed(elementwise(tensors), repeats)
+    memory = peak_temporary_bytes(opt.step) / (2 * local_numel)
+    return {"step": step, "ns": ns, "elementwise": ew, "ratio": step / (ns + ew), "memory": memory}
+
+
+def rank_main(model: str, ns_dtype: str, repeats: int) -> None:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = measure(model, ns_dtype, repeats, rank, world)
+    everyone: list[dict] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(everyone, result)
+    if rank == 0:
+        worst = {k: max(r[k] for r in everyone) for k in result}
+        print("RESULT", json.dumps(worst), flush=True)
+    dist.destroy_process_group()
+
+
+def run_world(model: str, ns_dtype: str, repeats: int, world: int) -> dict[str, float]:
+    """One launch of ``world`` ranks in fresh processes (so peak RSS is this model's alone)."""
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000 + world),
+               WORLD_SIZE=str(world), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world))),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, __file__, "--rank-of", model, "--ns-dtype", ns_dtype,
+                               "--repeats", str(repeats)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{model} at W={world} failed:\n{outputs[0][-3000:]}")
+    line = next(l for l in outputs[0].splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ns-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--models", default="host,ns")
+    parser.add_argument("--worlds", default="1,2")
+    parser.add_argument("--rank-of", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank_of:
+        rank_main(args.rank_of, args.ns_dtype, args.repeats)
+        return
+    print(f"device: {device()}, NS dtype {args.ns_dtype}, median of {args.repeats}; worst rank shown")
+    print("| model | matrices | W | step ms | NS ms (batched) | elementwise ms | step / (NS + elementwise) "
+          "| peak temp / bf16 Muon |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        count = sum(c for c, _r, _c in MODELS[model])
+        shapes = ", ".join(f"{c} x {r}x{k}" for c, r, k in MODELS[model])
+        for world in map(int, args.worlds.split(",")):
+            r = run_world(model, args.ns_dtype, args.repeats, world)
+            print(f"| {model} ({shapes}) | {count} | {world} | {r['step'] * 1e3:.1f} | {r['ns'] * 1e3:.1f} | "
+                  f"{r['elementwise'] * 1e3:.2f} | {r['ratio']:.2f} | {r['memory']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
