@@ -172,6 +172,8 @@ class Muon(torch.optim.Optimizer):
     def _muon_step(self, group: dict[str, Any]) -> None:
         """Follow the layout's route through the pipeline (muon_ds/pipeline.py)."""
         layout = self._layout(group)
+        if not layout.plan.matrices:  # no rank has any of this group's matrices: nothing to exchange
+            return
         dtype = NS_DTYPES[group["ns_dtype"]]
         tensors = group["params"]
         device = tensors[0].device if tensors else layout.device
