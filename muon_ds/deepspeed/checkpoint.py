@@ -112,7 +112,11 @@ def resume(engine: DeepSpeedEngine, save_dir: PathLike) -> Optional[tuple[str, d
         return None
     info = completion(save_dir / tag)
     load_dir = save_dir
-    if info["world_size"] != engine.dp_world_size and info["zero_stage"] in (1, 2):
+    moved = info["world_size"] != engine.dp_world_size
+    if moved and info["zero_stage"] not in (0, 1, 2):
+        raise ValueError(f"{save_dir / tag}: saved under ZeRO stage {info['zero_stage']} at data-parallel size "
+                         f"{info['world_size']}; it resumes at that size only (now {engine.dp_world_size})")
+    if moved and info["zero_stage"] in (1, 2):
         load_dir = save_dir / UNIVERSAL
         error = None
         if dist.get_rank() == 0 and not (load_dir / tag).is_dir():
