@@ -8,6 +8,7 @@ parameter with no matrices is trained by AdamW.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
@@ -112,6 +113,13 @@ def assign(param: torch.Tensor, views: Union[Sequence[MatrixView], None]) -> Non
     setattr(param, ATTRIBUTE, None if views is None else tuple(views))
 
 
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The parameter's logical shape. A tensor DeepSpeed partitions in place (ZeRO-3, ``zero.Init``) is
+    empty on every rank and keeps its shape as ``ds_shape``; classifying the empty tensor would send every
+    matrix to AdamW."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
 def classify(name: str, param: torch.Tensor,
              rules: Sequence[tuple[str, LayoutRule]] = DEFAULT_RULES) -> Optional[Views]:
     """The matrices ``param`` holds (None: AdamW), from an override, DeepSpeed's ``use_muon`` tag, or the rules."""
@@ -123,14 +131,14 @@ def classify(name: str, param: torch.Tensor,
     if hasattr(param, "use_muon"):
         if not param.use_muon:
             return None
-        views = by_dimensions(name, param.shape)
+        views = by_dimensions(name, full_shape(param))
         if views is None:
-            raise ValueError(f"parameter {name!r} of shape {tuple(param.shape)} is tagged use_muon=True "
+            raise ValueError(f"parameter {name!r} of shape {tuple(full_shape(param))} is tagged use_muon=True "
                              "but is not a matrix (Muon needs 2-D, or 3-D stacked, parameters)")
         return views
     for pattern, rule in rules:
         if re.search(pattern, name):
-            return rule(name, param.shape)
+            return rule(name, full_shape(param))
     return None
 
 
@@ -146,6 +154,7 @@ def check_coverage(name: str, param: torch.Tensor, views: Sequence[MatrixView]) 
         if start != cursor:
             raise ValueError(f"parameter {name!r}: matrices leave a gap or overlap at element {cursor}")
         cursor = stop
-    if cursor != param.numel():
-        raise ValueError(f"parameter {name!r} has {param.numel()} elements but its matrices cover {cursor}; "
+    numel = math.prod(full_shape(param))
+    if cursor != numel:
+        raise ValueError(f"parameter {name!r} has {numel} elements but its matrices cover {cursor}; "
                          "a parameter tagged for Muon must consist of whole matrices")

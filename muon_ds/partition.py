@@ -1,4 +1,5 @@
-"""Layouts of the usual ways engines store matrices: replicated tensors and equal flat partitions.
+"""Layouts of the usual ways engines store matrices: replicated tensors, equal flat partitions and
+per-parameter partitions.
 
 Pure arithmetic: from where each matrix sits, compute which pieces every rank holds and the
 exchange plan, identically on all ranks.
@@ -7,13 +8,17 @@ exchange plan, identically on all ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from muon_ds.matrices import MatrixView, Views
-from muon_ds.plan import ExchangePlan, Holding, Matrix, Piece, make_plan
+from muon_ds.plan import ExchangePlan, Holding, Matrix, Piece, make_plan, restrict
+
+# Owners keep each rank's Newton-Schulz FLOPs within this factor of the average (plus one matrix) when
+# every matrix is cut anyway (per-parameter partitions), so nothing is gained by favouring holders.
+CUT_EVERYWHERE_SLACK = 1.1
 
 
 @dataclass
@@ -53,15 +58,48 @@ def partitioned_layout(spans: Sequence[tuple[MatrixView, int]], partition_size: 
         if view.block.shape != view.shape:
             raise ValueError(f"matrix {view.key!r}: a flat partition layout takes whole matrices")
         matrices.append(Matrix(view.key, view.shape))
-        stop = start + view.numel
-        first, last = start // partition_size, (stop - 1) // partition_size
-        if last >= world_size:
-            raise ValueError(f"matrix {view.key!r} ends at {stop}, past {world_size} partitions of {partition_size}")
-        for r in range(first, last + 1):
-            lo = max(start, r * partition_size)
-            hi = min(stop, (r + 1) * partition_size)
-            piece = Piece(view.key, view.block, lo - start, hi - start)
+        if start + view.numel > world_size * partition_size:
+            raise ValueError(f"matrix {view.key!r} ends at {start + view.numel}, past {world_size} partitions "
+                             f"of {partition_size}")
+        for r, piece, offset in _cut(view, start, partition_size):
             holdings.append(Holding(r, piece))
             if r == rank:
-                local.append((piece, lo - r * partition_size))
+                local.append((piece, offset))
     return GroupLayout([local], make_plan(matrices, holdings, world_size, ns_steps), rank, process_group)
+
+
+def per_parameter_layouts(sub_groups: Sequence[Sequence[tuple[Views, int]]], rank: int, world_size: int,
+                          ns_steps: int, process_group: Optional[dist.ProcessGroup] = None) -> list[GroupLayout]:
+    """Each parameter split on its own into equal partitions (ZeRO-3), one layout per sub-group.
+
+    ``sub_groups[s]`` lists the sub-group's parameters as (their matrices, partition size P): rank r holds
+    elements [r P, (r + 1) P) of each (padded at the end), and its one tensor for the sub-group is the
+    concatenation of those partitions. Owners are balanced over all sub-groups at once; each sub-group's
+    exchange covers only its own matrices, since the engine steps the sub-groups one at a time.
+    """
+    matrices, holdings, local, keys = [], [], [], []
+    for params in sub_groups:
+        pieces, names, base = [], set(), 0
+        for views, partition_size in params:
+            for view in views:
+                matrices.append(Matrix(view.key, view.shape))
+                names.add(view.key)
+                for r, piece, offset in _cut(view, view.offset, partition_size):
+                    holdings.append(Holding(r, piece))
+                    if r == rank:
+                        pieces.append((piece, base + offset))
+            base += partition_size
+        local.append(pieces)
+        keys.append(names)
+    plan = make_plan(matrices, holdings, world_size, ns_steps, slack=CUT_EVERYWHERE_SLACK)
+    return [GroupLayout([pieces], restrict(plan, names, ns_steps), rank, process_group)
+            for pieces, names in zip(local, keys)]
+
+
+def _cut(view: MatrixView, start: int, partition_size: int) -> Iterator[tuple[int, Piece, int]]:
+    """A matrix stored from flat element ``start`` of equal partitions: per rank it reaches,
+    (rank, its piece, the piece's offset in that rank's partition)."""
+    stop = start + view.numel
+    for r in range(start // partition_size, (stop - 1) // partition_size + 1):
+        lo, hi = max(start, r * partition_size), min(stop, (r + 1) * partition_size)
+        yield r, Piece(view.key, view.block, lo - start, hi - start), lo - r * partition_size

@@ -142,3 +142,16 @@ def make_plan(matrices: Sequence[Matrix], holdings: Sequence[Holding], world_siz
 def _holding_order(holding: Holding) -> tuple:
     piece = holding.piece
     return (holding.rank, piece.block.row_start, piece.block.col_start, piece.start)
+
+
+def restrict(plan: ExchangePlan, keys: set[str], ns_steps: int = 5) -> ExchangePlan:
+    """The part of ``plan`` that concerns the matrices ``keys`` (same owners, same transfer order), for an
+    engine that steps some matrices separately from the others."""
+    flops = [0] * plan.world_size
+    for key in keys:
+        flops[plan.owner[key]] += ns_flops(plan.matrices[key].shape, ns_steps)
+    return ExchangePlan(plan.world_size, {k: m for k, m in plan.matrices.items() if k in keys},
+                        {k: r for k, r in plan.owner.items() if k in keys},
+                        {k: p for k, p in plan.pieces.items() if k in keys},
+                        [t for t in plan.gathers if t.piece.key in keys],
+                        [t for t in plan.scatters if t.piece.key in keys], flops)

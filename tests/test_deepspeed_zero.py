@@ -129,8 +129,6 @@ def test_engine_logs_which_muon_it_built(runs: dict) -> None:
 
 
 @pytest.mark.parametrize("case,expected", [
-    ("stage3", "zero_optimization.stage=3 is not supported"),
-    ("client_optimizer_stage3", "zero_optimization.stage=3 is not supported"),
     ("offload", "offload_optimizer"),
     ("elastic", "elastic_checkpoint"),
     ("unknown_key", "unknown key(s) ['momentumm']; valid keys are"),

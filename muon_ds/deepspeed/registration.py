@@ -15,7 +15,7 @@ import muon_ds
 from muon_ds.optim import Muon
 
 TESTED_DEEPSPEED = (Version("0.19.0"), Version("0.20.0"))  # [low, high)
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 def check_engine(engine: DeepSpeedEngine) -> None:
@@ -29,6 +29,10 @@ def check_engine(engine: DeepSpeedEngine) -> None:
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"zero_optimization.stage={stage} is not supported by the Muon optimizer; "
                          f"use one of {list(SUPPORTED_ZERO_STAGES)}")
+    if stage == 3 and engine.has_moe_layers:
+        raise ValueError("zero_optimization.stage=3 with MoE layers is not supported by the Muon optimizer "
+                         "(DeepSpeed 0.19 runs native deepspeed.moe layers only at ZeRO stage 0-2); use stage "
+                         "1 or 2")
     if engine.zero_elastic_checkpoint():
         raise ValueError("zero_optimization.elastic_checkpoint=true is not supported by the Muon optimizer: "
                          "DeepSpeed's elastic loader assumes every param group has Adam's state keys. Resume "
