@@ -86,7 +86,24 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_verify)
 
 
-_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+def _ds_to_universal(args: argparse.Namespace) -> int:
+    from muon_ds.deepspeed.universal import to_universal
+
+    result = to_universal(Path(args.input), Path(args.output))
+    print(f"wrote {result.parameters} parameters (saved at data-parallel size {result.world_size}) to "
+          f"{result.output}; load it with \"checkpoint\": {{\"load_universal\": true}} at any size")
+    return 0
+
+
+def _add_deepspeed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ds-to-universal", help="DeepSpeed ZeRO-1/2 checkpoint of Muon -> universal checkpoint "
+                       "(DeepSpeed's ds_to_universal, with Muon's momentum and AdamW's moments)")
+    p.add_argument("--input", required=True, help="a checkpoint tag directory (e.g. checkpoints/step100)")
+    p.add_argument("--output", required=True, help="directory to write <tag>/ and latest_universal into")
+    p.set_defaults(run=_ds_to_universal)
+
+
+_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_deepspeed]
 
 
 def build_parser() -> argparse.ArgumentParser:

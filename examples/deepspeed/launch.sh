@@ -19,6 +19,7 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}    # node 0's address (multi-node: a name 
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-configs/deepspeed/zero${ZERO}_${PRECISION}.json}
 TRAIN_ARGS=${TRAIN_ARGS:---steps 200}    # more arguments of train.py (--checkpoint-dir, --width, ...)
+export MUON_DS_COLLECTIVE_TIMEOUT=${MUON_DS_COLLECTIVE_TIMEOUT:-600}  # seconds before a stalled rank fails the job
 
 die() { echo "launch.sh: error: $*" >&2; exit 2; }
 

@@ -3,8 +3,11 @@
 Only the config decides the optimizer: with ``"optimizer": {"type": "Muon"}`` and muon_ds installed
 (its import hook activates on ``import deepspeed``; ``import muon_ds`` does the same explicitly)
 this trains with Moonlight's Muon. Launch with deepspeed, torchrun or srun (see README.md beside it).
-Checkpoints go to --checkpoint-dir; a run started again resumes from the latest one, and SIGUSR1 or
-SIGTERM (Slurm's preemption warning) makes every rank save and exit so the job can be requeued.
+Checkpoints go to --checkpoint-dir through muon_ds's crash-safe save (``latest`` only ever names a
+checkpoint every rank finished); a run started again resumes from the newest complete one, at any
+data-parallel size. SIGUSR1 or SIGTERM (Slurm's preemption warning) makes every rank save and exit so
+the job can be requeued. A rank that stalls makes the others fail after $MUON_DS_COLLECTIVE_TIMEOUT
+seconds (default 600) instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import muon_ds  # noqa: F401  (explicit activation; harmless when the import hook already did it)
+from muon_ds.deepspeed import checkpoint, collectives
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for the examples' modules
 from examples.deepspeed.tiny_gpt import TinyGPT  # noqa: E402
@@ -48,9 +52,19 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    timeout = collectives.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(args)
+    except RuntimeError as err:
+        if not collectives.is_peer_failure(err):
+            raise
+        sys.exit(f"rank {dist.get_rank()}: a collective failed (timeout {timeout.total_seconds():g} s, "
+                 f"${collectives.TIMEOUT_ENV}): another rank stalled or died. Start the job again to resume "
+                 f"from the newest complete checkpoint. ({type(err).__name__}: {str(err).splitlines()[0]})")
+
+
+def train(args: argparse.Namespace) -> None:
     config = json.loads(args.deepspeed_config.read_text())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(args.seed)
     model = TinyGPT(args.width, args.layers, args.heads, args.seq_len)
@@ -60,9 +74,9 @@ def main() -> None:
     micro = engine.train_micro_batch_size_per_gpu()
 
     step = 0
-    if args.checkpoint_dir is not None and (args.checkpoint_dir / "latest").exists():
-        _, client = engine.load_checkpoint(str(args.checkpoint_dir))
-        step = client["step"]
+    resumed = checkpoint.resume(engine, args.checkpoint_dir) if args.checkpoint_dir is not None else None
+    if resumed is not None:
+        step = resumed[1]["step"]
         if rank == 0:
             print(f"resumed from {args.checkpoint_dir} at step {step}", flush=True)
 
@@ -71,8 +85,9 @@ def main() -> None:
         signal.signal(signum, lambda *_: stop.fill_(1))
 
     def save() -> None:
+        # A tag already saved (the final or signal save at an interval step) is left as it is, never rewritten.
         if args.checkpoint_dir is not None:
-            engine.save_checkpoint(str(args.checkpoint_dir), tag=f"step{step}", client_state={"step": step})
+            checkpoint.save(engine, args.checkpoint_dir, f"step{step}", client_state={"step": step})
 
     while step < args.steps:
         for micro_step in range(engine.gradient_accumulation_steps()):

@@ -4,6 +4,8 @@ It gets Moonlight's Muon from its DeepSpeed JSON (``"optimizer": {"type": "Muon"
 muon_ds is installed (the wheel's autoload hook patches DeepSpeed on import). From a source
 checkout without ``pip install``, start it with ``python -c "import muon_ds, runpy; ..."`` instead
 (see examples/hf_trainer/README.md). Launch with ``torchrun``, ``deepspeed`` or ``accelerate``.
+Its one muon_ds line gives DeepSpeed's process groups the Trainer's ``--ddp_timeout`` too (torch gives
+groups made after start-up its 30-minute default), so a stalled rank fails the job in that time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments
 
 from examples.demo import corpus
+from muon_ds.deepspeed.collectives import set_default_timeout
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,6 +47,7 @@ class ByteWindows(torch.utils.data.Dataset):
 
 def main() -> None:
     script, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    set_default_timeout(args.ddp_timeout_delta)
     root = Path(script.data_dir) if script.data_dir else corpus.default_root()
     corpus.check_root(root, script.seq_len)
     if not Path(script.model_config).is_file():
