@@ -3,9 +3,10 @@
 Two launches run every scenario (megatron-core's import dominates the time): 2 ranks train with
 DP=2 (distributed optimizer, without it, with overlapped grad reduce / param gather and small
 buckets, with clipping), TP=2 (+SP), EP=2, PP=2, TP=2 blockwise, bf16, fp16 with an overflow, and
-save / resume checkpoints in both of Megatron-LM's formats (torch_dist, torch); then 1 rank trains the DP=1 run next to muon_ds's
-single-process Muon and resumes the DP=2 and TP=2 checkpoints (torch_dist, and torch for DP=2); 4 ranks train TP=2 x EP=2 and
-TP=2 x DP=2. Weights are compared after 3-4 steps with NS in float32.
+save / resume checkpoints in both of Megatron-LM's formats (torch_dist, torch); then 1 rank trains the
+DP=1 run next to muon_ds's single-process Muon and resumes the DP=2 and TP=2 checkpoints (torch_dist,
+and torch for DP=2); 4 ranks train TP=2 x EP=2 and TP=2 x DP=2. Weights are compared after 3-4 steps
+with NS in float32.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1
              "bf16:precision=bf16,steps=2", "bf16nd:precision=bf16,distopt=0,steps=2",
              "fp16:precision=fp16,steps=3,poison=1",
              "full:steps=4", "first:steps=2,save=ckpt@2", "resumed:steps=4,load=ckpt",
-             "tp2first:tp=2,steps=2,save=ckpt_tp@2,reshardable=1", "tp2first_dp:tp=2,steps=2,save=ckpt_tp_dp@2",
+             "tp2first:tp=2,steps=2,save=ckpt_tp@2,reshardable=1",
+             "tp2first_dp:tp=2,steps=2,save=ckpt_tp_dp@2",
              "nd_full:distopt=0,steps=4", "nd_first:distopt=0,steps=2,save=ckpt_nd@2",
              "nd_resumed:distopt=0,steps=4,load=ckpt_nd",
              "t_first:steps=2,save=ckpt_torch@2,format=torch", "t_resumed:steps=4,load=ckpt_torch,format=torch",
              "ep2_full:ep=2,steps=4", "ep2_t_first:ep=2,steps=2,save=ckpt_torch_ep@2,format=torch",
              "ep2_t_resumed:ep=2,steps=4,load=ckpt_torch_ep,format=torch",
-             "bf16_full:precision=bf16,steps=4", "bf16_t_first:precision=bf16,steps=2,save=ckpt_torch_bf16@2,format=torch",
+             "bf16_full:precision=bf16,steps=4",
+             "bf16_t_first:precision=bf16,steps=2,save=ckpt_torch_bf16@2,format=torch",
              "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch",
              "tp2_full:tp=2,steps=4", "tp2_t_first:tp=2,steps=2,save=ckpt_torch_tp@2,format=torch",
              "tp2_t_resumed:tp=2,steps=4,load=ckpt_torch_tp,format=torch",
@@ -41,7 +44,8 @@ TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1
              "pp2_t_resumed:pp=2,steps=4,load=ckpt_torch_pp,format=torch")
 ONE_RANK = ("ref:reference=1,steps=3", "gpt_ref:arch=gpt,reference=1,steps=3", "fused:reference=2,steps=3",
             "dp1clip:clip=0.05,steps=3", "resumed_dp1:steps=4,load=ckpt",
-            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "resumed_tp1_dp:steps=4,load=ckpt_tp_dp", "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
+            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "resumed_tp1_dp:steps=4,load=ckpt_tp_dp",
+            "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
 FOUR_RANKS = ("tp2ep2:tp=2,ep=2,steps=3", "tp2dp2:tp=2,steps=3")
 ADAMW = ("embedding", "output_layer", "router", "layernorm", "norm.weight")
 
