@@ -31,17 +31,13 @@ def coefficients(name: str, steps: int) -> list[tuple[float, float, float]]:
 
 
 def normalize_(x: torch.Tensor, safety: float = 1.0) -> torch.Tensor:
-    """x <- x / (safety ||x||_F + eps) per matrix, in place, as if computed in float32.
+    """x <- x / (safety ||x||_F + eps) per matrix, in place, divided in float32 (or x's wider dtype).
 
-    Each matrix is first scaled by a power of two (exact) that brings its largest entry near 1, so that
-    the float32 sum of squares of a finite but huge matrix (entries of 1e18) cannot overflow to inf.
+    The sum of squares accumulates in float64: in float32 that of a finite but huge matrix (entries of
+    1e18 and more) overflows to inf, and the update would be exactly zero.
     """
-    peak = torch.linalg.vector_norm(x, ord=float("inf"), dim=(-2, -1), keepdim=True).to(torch.promote_types(x.dtype, torch.float32))
-    _mantissa, exponent = torch.frexp(torch.where(peak > 0, peak, torch.ones_like(peak)))
-    power = torch.ldexp(torch.ones_like(peak), -exponent)
-    x.mul_(power)
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-    return x.div_(norm * safety + NORM_EPS * power)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    return x.div_((norm * safety + NORM_EPS).to(torch.promote_types(x.dtype, torch.float32)))
 
 
 def newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: str = "moonlight") -> torch.Tensor:

@@ -125,8 +125,9 @@ class Muon(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         """All gradients finite, agreed across ranks when distributed (else every rank skips)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
+        # The largest |g| of each tensor (one foreach): inf or NaN where any entry is.
+        finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all() if grads else torch.tensor(True)
         if self.distributed and dist.is_initialized():
             # On the gradients' device (or the layout's, for a rank holding none): NCCL needs GPU tensors.
             device = grads[0].device if grads else next(
