@@ -11,6 +11,7 @@ import torch
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
+NORM_CHUNK = 1 << 20  # elements per norm reduction
 POLAR_EXPRESS = (  # (a, b, c) of steps 1..5; further steps repeat the last
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -34,9 +35,12 @@ def normalize_(x: torch.Tensor, safety: float = 1.0) -> torch.Tensor:
     """x <- x / (safety ||x||_F + eps) per matrix, in place, divided in float32 (or x's wider dtype).
 
     The sum of squares accumulates in float64: in float32 that of a finite but huge matrix (entries of
-    1e18 and more) overflows to inf, and the update would be exactly zero.
+    1e18 and more) overflows to inf, and the update would be exactly zero. Norms are taken a chunk of
+    matrices at a time, bounding the float64 copy a reduction may make.
     """
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    chunk = max(1, NORM_CHUNK // (x.size(-2) * x.size(-1)))
+    norm = torch.cat([torch.linalg.vector_norm(part, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+                      for part in x.split(chunk)])
     return x.div_((norm * safety + NORM_EPS).to(torch.promote_types(x.dtype, torch.float32)))
 
 
