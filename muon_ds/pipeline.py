@@ -105,8 +105,9 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
         offset += span.numel
     received, gathering = _start(route.gather, send, dtype, device, group)
     del send
-    if hyper.weight_decay:
-        torch._foreach_mul_([p for p in params if p is not None], 1.0 - hyper.lr * hyper.weight_decay)
+    decayed = [p for p in params if p is not None]
+    if hyper.weight_decay and decayed:  # a rank may hold none of the group's tensors
+        torch._foreach_mul_(decayed, 1.0 - hyper.lr * hyper.weight_decay)
     give = torch.empty(sum(route.scatter.send_sizes), dtype=dtype, device=device)
     for batch in route.batches:
         if batch.waits and gathering is not None:
