@@ -21,6 +21,7 @@ POLAR_EXPRESS = (  # (a, b, c) of steps 1..5; further steps repeat the last
 )
 POLAR_EXPRESS_SAFETY = 1.01  # the input is scaled to norm 1/1.01 so that rounding cannot push sigma above 1
 COEFFICIENT_SETS = ("moonlight", "polar_express")
+NS_METHODS = ("direct", "gram")
 
 
 def coefficients(name: str, steps: int) -> list[tuple[float, float, float]]:
@@ -44,15 +45,39 @@ def normalize_(x: torch.Tensor, safety: float = 1.0) -> torch.Tensor:
     return x.div_((norm * safety + NORM_EPS).to(torch.promote_types(x.dtype, torch.float32)))
 
 
-def newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: str = "moonlight") -> torch.Tensor:
+def newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: str = "moonlight",
+                   method: str = "direct") -> torch.Tensor:
     """Orthogonalize the (N, A, B) batch ``x`` in its own dtype; ``x`` is overwritten (normalized, then
     used as one of two ping-pong buffers) and the result, ``x`` or a second buffer, is returned.
 
     Tall matrices iterate as X <- aX + X (bG + cG^2) with G = X^T X: the transpose of the wide iteration,
-    without a transposed copy.
+    without a transposed copy. ``method="gram"``: :func:`_iterate_gram`.
     """
     normalize_(x, _safety(coefficient_set))
+    if method == "gram":
+        return _iterate_gram(x, steps, coefficient_set)
+    if method != "direct":
+        raise ValueError(f"unknown Newton-Schulz method {method!r}; valid: {list(NS_METHODS)}")
     return _iterate(x, steps, coefficient_set)
+
+
+def _iterate_gram(x: torch.Tensor, steps: int, coefficient_set: str) -> torch.Tensor:
+    """The same iteration in Gram space: every iterate is Q X0 (wide; X0 Q^T tall) with Q small (m x m,
+    m = min(A, B)), so the steps need only m x m products: Q <- p(Q G0 Q^T) Q, G0 = X0 X0^T.
+
+    Per matrix, 4 m^2 n + 8 m^3 x steps FLOPs instead of (4 m^2 n + 2 m^3) x steps: fewer from an aspect
+    ratio n / m of about 2 on (5 steps: 56 vs 90 m^3 at n = 4m). Rounding errors of Q compound over the
+    steps, so it is further from the direct iteration in bf16 (see tests/test_newton_schulz.py).
+    """
+    tall = x.size(-2) > x.size(-1)
+    gram = torch.bmm(x.mT, x) if tall else torch.bmm(x, x.mT)
+    eye = torch.eye(gram.size(-1), dtype=x.dtype, device=x.device).expand_as(gram)
+    q = eye.clone()
+    for a, b, c in coefficients(coefficient_set, steps):
+        r = torch.bmm(torch.bmm(q, gram), q.mT)
+        poly = torch.baddbmm(r, r, r, beta=b, alpha=c).add_(eye, alpha=a)
+        q = torch.bmm(poly, q)
+    return torch.bmm(x, q.mT) if tall else torch.bmm(q, x)
 
 
 def _safety(coefficient_set: str) -> float:

@@ -203,10 +203,10 @@ class Muon(torch.optim.Optimizer):
 
         hyper = Hyper(group["lr"] * group["lr_ratio"], group["weight_decay"], group["momentum"], group["nesterov"],
                       scale)
-        steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+        steps, coefficients, method = group["ns_steps"], group["ns_coefficients"], group["ns_method"]
         pipeline.run(route, params, grads, momenta, hyper,
-                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients), dtype, device,
-                     layout.process_group)
+                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients, method=method),
+                     dtype, device, layout.process_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load momentum and AdamW moments; the hyper-parameters are the constructor's (logged where the
@@ -264,10 +264,11 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight") -> torch.Tensor:
+def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight",
+                  method: str = "direct") -> torch.Tensor:
     """The step's Newton-Schulz of one (N, A, B) NS-dtype batch, in place (a module-level name, so that
     benchmarks can time it)."""
-    return newton_schulz_(batch, steps, coefficient_set)
+    return newton_schulz_(batch, steps, coefficient_set, method)
 
 
 def _hyper_parameters(options: MuonOptions, use_muon: bool) -> dict[str, Any]:
