@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from muon_ds.matrices import ATTRIBUTE, Views, classify
 from muon_ds import pipeline
+from muon_ds.matrices import ATTRIBUTE, Views, classify
 from muon_ds.newton_schulz import newton_schulz_
 from muon_ds.options import NS_DTYPES, MuonOptions
 from muon_ds.partition import GroupLayout, replicated_layout
@@ -182,17 +182,19 @@ class Muon(torch.optim.Optimizer):
                          for piece, _offset in pieces)
         if not any(active) and not self.distributed:
             return
-        params, grads, momenta = [], [], []
+        params, grads, momenta = [], [], []  # None where left out
         for p, a in zip(tensors, active):
             if not a:
-                params.append(None), grads.append(None), momenta.append(None)
+                params.append(None)
+                grads.append(None)
+                momenta.append(None)
                 continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             params.append(p)
-            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)  # distributed: every rank joins
-            momenta.append(state["momentum_buffer"])
+            # Distributed, a tensor without a gradient still joins the exchange, with zeros.
+            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
+            momenta.append(self.state[p]["momentum_buffer"])
         route = layout.route(skip, dtype, device)
         shapes = {}
 
