@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -35,7 +34,9 @@ LR, WD, MOMENTUM = 0.02, 0.1, 0.95
 
 
 def device() -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def sync() -> None:
@@ -44,7 +45,8 @@ def sync() -> None:
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call, all ranks started together."""
+    """Fastest of ``repeats`` calls of ``fn`` after one warm-up call, all ranks started together (the
+    minimum: on a shared machine the other timings measure the neighbours)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -55,7 +57,7 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def rss_kib(field: str) -> int:
@@ -188,7 +190,7 @@ def main() -> None:
     if args.rank_of:
         rank_main(args.rank_of, args.ns_dtype, args.repeats)
         return
-    print(f"device: {device()}, NS dtype {args.ns_dtype}, median of {args.repeats}; worst rank shown")
+    print(f"device: {device()}, NS dtype {args.ns_dtype}, fastest of {args.repeats}; worst rank shown")
     print("| model | matrices | W | step ms | NS ms (batched) | elementwise ms | step / (NS + elementwise) "
           "| peak temp / bf16 Muon |")
     print("|---|---|---|---|---|---|---|---|")

@@ -64,8 +64,11 @@ def zero3_plan(shapes: list[tuple[int, int]], world: int) -> ExchangePlan:
     return make_plan(matrices, holdings, world, 5)
 
 
-def per_rank(plan: ExchangePlan, element_size: int) -> dict[str, list[float]]:
-    """Per rank: NS FLOPs (all, and of matrices needing no receive), bytes in and out, intra/inter node."""
+def per_rank(plan: ExchangePlan, element_size: int, stride: int = 1) -> dict[str, list[float]]:
+    """Per rank: NS FLOPs (all, and of matrices needing no receive), bytes in and out, intra/inter node.
+
+    Rank r of the plan's group is global rank r x ``stride`` (an expert-data-parallel group takes every
+    EP-th rank, so it spans nodes)."""
     world = plan.world_size
     arriving = {(t.dst, t.piece.key) for t in plan.gathers}
     local = [0] * world
@@ -76,7 +79,7 @@ def per_rank(plan: ExchangePlan, element_size: int) -> dict[str, list[float]]:
              "gather_inter": [0] * world, "scatter_intra": [0] * world, "scatter_inter": [0] * world}
     for name, transfers in (("gather", plan.gathers), ("scatter", plan.scatters)):
         for t in transfers:
-            link = "intra" if t.src // GPUS_PER_NODE == t.dst // GPUS_PER_NODE else "inter"
+            link = "intra" if t.src * stride // GPUS_PER_NODE == t.dst * stride // GPUS_PER_NODE else "inter"
             for rank in (t.src, t.dst):  # each end moves it once (send or receive)
                 stats[f"{name}_{link}"][rank] += t.piece.numel * element_size
     return stats
@@ -130,7 +133,7 @@ def main() -> None:
         compute = 6 * args.activated * args.batch_tokens / (world * args.mfu * args.peak_tflops * 1e12)
         for stage, build in (("1", zero1_plan), ("3", zero3_plan)):
             d = per_rank(build(dense, world), 2)
-            e = per_rank(build(experts, world // args.ep), 2) if world >= args.ep else None
+            e = per_rank(build(experts, world // args.ep), 2, args.ep) if world >= args.ep else None
             rank = max(range(world), key=lambda r: d["flops"][r] + (e["flops"][r % len(e["flops"])] if e else 0))
             t = seconds(d, rank, args)
             if e is not None:

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 
-from muon_ds.matrices import ATTRIBUTE, Views, classify
 from muon_ds import pipeline
+from muon_ds.matrices import ATTRIBUTE, Views, classify
 from muon_ds.newton_schulz import newton_schulz_
 from muon_ds.options import NS_DTYPES, MuonOptions
 from muon_ds.partition import GroupLayout, replicated_layout
@@ -125,8 +125,9 @@ class Muon(torch.optim.Optimizer):
 
     def _grads_finite(self) -> bool:
         """All gradients finite, agreed across ranks when distributed (else every rank skips)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
+        # The largest |g| of each tensor (one foreach): inf or NaN where any entry is.
+        finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all() if grads else torch.tensor(True)
         if self.distributed and dist.is_initialized():
             # On the gradients' device (or the layout's, for a rank holding none): NCCL needs GPU tensors.
             device = grads[0].device if grads else next(
@@ -183,17 +184,19 @@ class Muon(torch.optim.Optimizer):
                          for piece, _offset in pieces)
         if not any(active) and not self.distributed:
             return
-        params, grads, momenta = [], [], []
+        params, grads, momenta = [], [], []  # None where left out
         for p, a in zip(tensors, active):
             if not a:
-                params.append(None), grads.append(None), momenta.append(None)
+                params.append(None)
+                grads.append(None)
+                momenta.append(None)
                 continue
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p)
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             params.append(p)
-            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)  # distributed: every rank joins
-            momenta.append(state["momentum_buffer"])
+            # Distributed, a tensor without a gradient still joins the exchange, with zeros.
+            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
+            momenta.append(self.state[p]["momentum_buffer"])
         route = layout.route(skip, dtype, device)
         shapes = {}
 
@@ -204,10 +207,10 @@ class Muon(torch.optim.Optimizer):
 
         hyper = Hyper(group["lr"] * group["lr_ratio"], group["weight_decay"], group["momentum"], group["nesterov"],
                       scale)
-        steps, coefficients = group["ns_steps"], group["ns_coefficients"]
+        steps, coefficients, method = group["ns_steps"], group["ns_coefficients"], group["ns_method"]
         pipeline.run(route, params, grads, momenta, hyper,
-                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients), dtype, device,
-                     layout.process_group)
+                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients, method=method),
+                     dtype, device, layout.process_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load momentum and AdamW moments; the hyper-parameters are the constructor's (logged where the
@@ -265,10 +268,11 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight") -> torch.Tensor:
+def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight",
+                  method: str = "direct") -> torch.Tensor:
     """The step's Newton-Schulz of one (N, A, B) NS-dtype batch, in place (a module-level name, so that
     benchmarks can time it)."""
-    return newton_schulz_(batch, steps, coefficient_set)
+    return newton_schulz_(batch, steps, coefficient_set, method)
 
 
 def _hyper_parameters(options: MuonOptions, use_muon: bool) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class MuonOptions(BaseModel):
     extra_scale: Real = Field(1.0, gt=0)  # a factor on top of ``scale`` (Megatron's --muon-extra-scale-factor)
     ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     ns_coefficients: Literal["moonlight", "polar_express"] = "moonlight"  # see muon_ds/newton_schulz.py
+    ns_method: Literal["direct", "gram"] = "direct"  # "gram": the same iteration in Gram space
     muon_lr: Optional[Real] = Field(None, ge=0)
     adam_lr: Optional[Real] = Field(None, ge=0)
 

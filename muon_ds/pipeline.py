@@ -18,6 +18,8 @@ import torch.distributed as dist
 from muon_ds.plan import Piece
 from muon_ds.route import Batch, Exchange, Route, Span
 
+FILL_CHUNK = 64  # small matrices whose float32 Nesterov temporaries exist at once (one foreach per chunk)
+LARGE_MATRIX = 1 << 16  # elements from which a kernel per matrix costs less than a temporary
 Orthogonalize = Callable[[torch.Tensor], torch.Tensor]  # in place on an (N, A, B) NS-dtype batch
 
 
@@ -83,14 +85,18 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
         hyper: Hyper, orthogonalize_: Orthogonalize, dtype: torch.dtype, device: torch.device,
         group: Optional[dist.ProcessGroup]) -> None:
     """One Muon step of a group. ``params[t]`` etc. are the group's tensors (None where left out)."""
-    flat = [None if p is None else p.view(-1) for p in params]
-    g_flat = [None if g is None else g.reshape(-1) for g in grads]
-    m_flat = [None if m is None else m.view(-1) for m in momenta]
+    flat, g_flat, m_flat = _Flat(params), _Flat(grads), _Flat(momenta)
     momentum_([m for m in momenta if m is not None], [g for g in grads if g is not None], hyper.momentum)
 
     def source(span: Span, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = span.offset + lo
         return g_flat[span.tensor][start:span.offset + hi], m_flat[span.tensor][start:span.offset + hi]
+
+    def whole(span: Span, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, m) of a whole matrix; a tensor that is exactly one matrix needs no slicing."""
+        if span.offset == 0 and span.numel == grads[span.tensor].numel():
+            return grads[span.tensor].reshape(shape), momenta[span.tensor].view(shape)
+        return tuple(t.view(shape) for t in source(span, 0, span.numel))
 
     send = torch.empty(sum(route.gather.send_sizes), dtype=dtype, device=device)
     offset = 0
@@ -99,14 +105,15 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
         offset += span.numel
     received, gathering = _start(route.gather, send, dtype, device, group)
     del send
-    if hyper.weight_decay:
-        torch._foreach_mul_([p for p in params if p is not None], 1.0 - hyper.lr * hyper.weight_decay)
+    decayed = [p for p in params if p is not None]
+    if hyper.weight_decay and decayed:  # a rank may hold none of the group's tensors
+        torch._foreach_mul_(decayed, 1.0 - hyper.lr * hyper.weight_decay)
     give = torch.empty(sum(route.scatter.send_sizes), dtype=dtype, device=device)
     for batch in route.batches:
         if batch.waits and gathering is not None:
             gathering.wait()
             gathering = None
-        result = _orthogonalized(batch, received, source, hyper, orthogonalize_, dtype, device)
+        result = _orthogonalized(batch, received, source, whole, hyper, orthogonalize_, dtype, device)
         _apply(batch, result, flat, hyper)
         for index, piece, at in batch.give:
             for view, lo, hi in piece_views(result[index], piece):
@@ -121,24 +128,56 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
                                                                       alpha=-hyper.lr * hyper.scale(shape))
 
 
-def _orthogonalized(batch: Batch, received: torch.Tensor, source: Callable, hyper: Hyper,
+class _Flat:
+    """The group's tensors flattened, each on first use (a step touching whole tensors needs none)."""
+
+    def __init__(self, tensors: list[Optional[torch.Tensor]]) -> None:
+        self.tensors = tensors
+        self.flat: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index not in self.flat:
+            self.flat[index] = self.tensors[index].reshape(-1)
+        return self.flat[index]
+
+
+def _orthogonalized(batch: Batch, received: torch.Tensor, source: Callable, whole: Callable, hyper: Hyper,
                     orthogonalize_: Orthogonalize, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The batch's matrices assembled in one NS-dtype buffer, then orthogonalized."""
     buffer = torch.empty(len(batch.keys), *batch.shape, dtype=dtype, device=device)
+    matrices = buffer.unbind(0)
+    size = batch.shape[0] * batch.shape[1]
+    wholes = []  # (matrix, g, m) of whole local matrices: filled by chunks of foreach ops
     for index, piece, span in batch.fill:
-        for view, lo, hi in piece_views(buffer[index], piece):
+        if piece.numel == size:
+            if size >= LARGE_MATRIX:  # one kernel per matrix, no temporary
+                direction_into(matrices[index], *whole(span, batch.shape), hyper)
+            else:
+                wholes.append((matrices[index], *whole(span, batch.shape)))
+            continue
+        for view, lo, hi in piece_views(matrices[index], piece):
             direction_into(view, *source(span, lo, hi), hyper)
+    for start in range(0, len(wholes), FILL_CHUNK):
+        targets, grads, momenta = zip(*wholes[start:start + FILL_CHUNK])
+        directions = torch._foreach_add(grads, momenta, alpha=hyper.momentum) if hyper.nesterov else momenta
+        torch._foreach_copy_(targets, directions)  # rounded once to the NS dtype
     for index, piece, at in batch.receive:
-        for view, lo, hi in piece_views(buffer[index], piece):
+        for view, lo, hi in piece_views(matrices[index], piece):
             view.copy_(received[at + lo:at + hi].view(view.shape))
     return orthogonalize_(buffer)
 
 
-def _apply(batch: Batch, result: torch.Tensor, flat: list, hyper: Hyper) -> None:
+def _apply(batch: Batch, result: torch.Tensor, flat: _Flat, hyper: Hyper) -> None:
     """W <- W - lr s O for this rank's pieces of the batch, one foreach."""
     targets, updates = [], []
+    matrices = result.unbind(0)
+    size = batch.shape[0] * batch.shape[1]
     for index, piece, span in batch.keep:
-        for view, lo, hi in piece_views(result[index], piece):
+        if piece.numel == size and span.offset == 0 and span.numel == flat.tensors[span.tensor].numel():
+            targets.append(flat.tensors[span.tensor].view(batch.shape))  # a tensor that is exactly this matrix
+            updates.append(matrices[index])
+            continue
+        for view, lo, hi in piece_views(matrices[index], piece):
             targets.append(flat[span.tensor][span.offset + lo:span.offset + hi].view(view.shape))
             updates.append(view)
     if targets:

@@ -119,9 +119,9 @@ def skip_check(config: dict[str, Any], poison_step: int) -> dict[str, Any]:
     same_w = all(torch.equal(before_w[k], after_w[k]) for k in before_w)
     same_m = len(before_m) == len(after_m) and all(torch.equal(a, b) for a, b in zip(before_m, after_m))
     train(engine, range(2, 4))
-    return {"weights_same": all_ranks(same_w), "momentum_same": all_ranks(same_m),
-            "skipped": engine.skipped_steps, "muon_skipped": engine.basic_optimizer.skipped_steps, "moved": not all(torch.equal(after_w[k], weights(engine)[k])
-                                                              for k in after_w)}
+    moved = not all(torch.equal(after_w[k], weights(engine)[k]) for k in after_w)
+    return {"weights_same": all_ranks(same_w), "momentum_same": all_ranks(same_m), "moved": moved,
+            "skipped": engine.skipped_steps, "muon_skipped": engine.basic_optimizer.skipped_steps}
 
 
 def resume(config: dict[str, Any], out: Path, name: str) -> dict[str, Any]:

@@ -281,20 +281,24 @@ def test_frozen_matrices_never_change_when_distributed() -> None:
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        net = model()
-        net["down"].weight.requires_grad_(False)
-        frozen = net["down"].weight.detach().clone()
-        opt = Muon(net.named_parameters(), lr=LR, weight_decay=WD)
-        for group in opt.param_groups:
-            if group["use_muon"]:
-                opt.set_layout(group, replicated_layout([opt.views[p] for p in group["params"]], 0, 1,
-                                                        group["ns_steps"], dist.group.WORLD))
-        for step in range(2):
-            for k, p in net.named_parameters():
-                p.grad = gradients(step, net)[k].float() if p.requires_grad else None
-            opt.step()
-        assert torch.equal(net["down"].weight, frozen)
-        assert not opt.state[net["down"].weight]
-        assert not torch.equal(net["up"].weight, model()["up"].weight)
+        for frozen_names in (["down"], ["up", "down"]):  # some, or all of the group's matrices
+            net = model()
+            for name in frozen_names:
+                net[name].weight.requires_grad_(False)
+            frozen = {name: net[name].weight.detach().clone() for name in frozen_names}
+            opt = Muon(net.named_parameters(), lr=LR, weight_decay=WD)
+            for group in opt.param_groups:
+                if group["use_muon"]:
+                    opt.set_layout(group, replicated_layout([opt.views[p] for p in group["params"]], 0, 1,
+                                                            group["ns_steps"], dist.group.WORLD))
+            for step in range(2):
+                for k, p in net.named_parameters():
+                    p.grad = gradients(step, net)[k].float() if p.requires_grad else None
+                opt.step()
+            assert all(torch.equal(net[name].weight, w) for name, w in frozen.items())
+            assert not any(opt.state[net[name].weight] for name in frozen_names)
+            assert not torch.equal(net["up"].bias, model()["up"].bias)  # AdamW trains on
+            if "up" not in frozen_names:
+                assert not torch.equal(net["up"].weight, model()["up"].weight)
     finally:
         dist.destroy_process_group()
