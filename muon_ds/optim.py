@@ -57,6 +57,7 @@ class Muon(torch.optim.Optimizer):
         self.layouts: dict[int, GroupLayout] = {}  # by group id: engines replace the group dicts
         self.sync_group: Optional[dist.ProcessGroup] = None
         self.distributed = False
+        self.overflow = False  # the last step was skipped; DeepSpeed's engine reads this name (skipped_steps, lr)
 
     def set_layout(self, group: dict[str, Any], layout: GroupLayout) -> None:
         """Engine adapters: the group's tensors hold these pieces; the plan says who holds the rest."""
@@ -103,7 +104,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
+        self.overflow = not self._grads_finite()
+        if self.overflow:
             return loss
         for group in self.param_groups:
             if group["use_muon"]:
