@@ -129,6 +129,18 @@ def saved(out: Path) -> dict[str, Any]:
     return result
 
 
+def resume(out: Path) -> dict[str, Any]:
+    """Save after 2 steps, train 2 more; a fresh engine (other initial weights) loads and trains the same 2."""
+    engine = build(z3())
+    train(engine, range(2))
+    engine.save_checkpoint(str(out / "z3_resume"), tag="step2")
+    train(engine, range(2, 4))
+    fresh = build(z3(), seed=1)
+    fresh.load_checkpoint(str(out / "z3_resume"), tag="step2")
+    train(fresh, range(2, 4))
+    return {"continued": full_weights(engine), "resumed": full_weights(fresh)}
+
+
 def layout_stats() -> dict[str, Any]:
     """What the ZeRO-3 plans compute and move, and how big each rank's momentum is."""
     engine = build(z3())
@@ -222,6 +234,7 @@ def _register() -> None:
     SCENARIOS["s3_control"] = control
     SCENARIOS["s3_nan_skip"] = lambda out: skip_check()
     SCENARIOS["s3_saved"] = saved
+    SCENARIOS["s3_resume"] = resume
     SCENARIOS["s3_layout"] = lambda out: layout_stats()
     SCENARIOS["s3_errors"] = lambda out: errors()
     SCENARIOS["s3_client"] = lambda out: client_optimizer(zero_init=False)

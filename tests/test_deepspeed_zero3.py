@@ -20,7 +20,7 @@ MATRICES = ["down.weight", "mix.weight", "up.weight"]  # what muon_ds's Muon cla
 RUNS = {
     1: ["s3_ga1", "s3_ga1_init", "s3_bf16", "s3_layout", "s3_errors", "z0_bf16_shipped"],
     2: ["s3_ga1", "s3_ga1_init", "s3_ga2", "s3_ga2_init", "s3_subgroups", "s3_clip", "s3_bf16", "s3_control",
-        "s3_nan_skip", "s3_saved", "s3_layout", "s3_client_init", "z0_bf16", "z0_fp16", "skip_counted_s0",
+        "s3_nan_skip", "s3_saved", "s3_resume", "s3_layout", "s3_client_init", "z0_bf16", "z0_fp16", "skip_counted_s0",
         "skip_counted_s0_bf16", "skip_counted_s1", "skip_counted_s3"],
     3: ["s3_ga1", "s3_ga2_init", "s3_subgroups", "s3_control", "s3_layout"],
     4: ["s3_ga1_init", "s3_layout"],
@@ -99,6 +99,12 @@ def test_saved_model_and_zero_to_fp32_hold_the_trained_weights(runs: dict, refer
     for key, value in result["weights"].items():
         assert torch.equal(result["zero_to_fp32"][key], value), key  # DeepSpeed's zero_to_fp32
         assert torch.equal(result["model_file"][key].float(), value), key  # stage3_gather_16bit_weights
+
+
+def test_resume_equals_uninterrupted(runs: dict) -> None:
+    result = runs[2]["s3_resume"]
+    for key, value in result["continued"].items():
+        assert torch.equal(value, result["resumed"][key]), key
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -34,13 +34,13 @@ def autoload_installed() -> bool:
     return any(f.name == "muon_ds_autoload.pth" for f in files)
 
 
-def run_trainer(out: Path, *launch: str, config: Path = DS_CONFIG) -> str:
+def run_trainer(out: Path, *launch: str, config: Path = DS_CONFIG, verbosity: str = "warning") -> str:
     """Train for a few steps on 2 CPU ranks with torchrun; returns the combined output."""
     args = ["--deepspeed", str(config), "--output_dir", str(out), "--max_steps", "8",
             "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--weight_decay", "0.1",
             "--warmup_steps", "1", "--logging_steps", "2", "--report_to", "none", "--save_strategy", "no",
             "--use_cpu", "--seq_len", "64"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TRANSFORMERS_VERBOSITY=verbosity)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), *launch, "-m", "examples.hf_trainer.train", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -70,9 +70,10 @@ def test_installed_wheel_needs_no_edit(tmp_path: Path) -> None:
 def test_zero3_builds_the_model_under_zero_init(tmp_path: Path) -> None:
     """Under a ZeRO-3 JSON the Trainer builds the model partitioned (zero.Init): the local tensors are empty,
     yet the same matrices go to Muon as at ZeRO-1."""
-    output = run_trainer(tmp_path, str(REPO / "examples" / "with_muon_ds.py"), config=DS_CONFIG_ZERO3)
+    output = run_trainer(tmp_path, str(REPO / "examples" / "with_muon_ds.py"), config=DS_CONFIG_ZERO3,
+                         verbosity="info")
     assert "under ZeRO stage 3 [DeepSpeedZeroOptimizer_Stage3]" in output
-    assert "zero.init()" in output or "zero.Init" in output, output[-3000:]
+    assert "Detected DeepSpeed ZeRO-3: activating zero.init() for this model" in output
     assert_trained_with_muon(tmp_path, output)
     from transformers import AutoConfig, AutoModelForCausalLM
 
