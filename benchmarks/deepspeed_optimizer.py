@@ -1,7 +1,7 @@
-"""Benchmark: muon_ds's Muon vs DeepSpeed's AdamW and built-in Muon under ZeRO-1, at W = 1, 2, 4.
+"""Benchmark: muon_ds's Muon vs DeepSpeed's AdamW and built-in Muon under ZeRO-1 and ZeRO-3, at W = 1, 2, 4.
 
-``python benchmarks/deepspeed_optimizer.py`` launches each configuration with torchrun on this
-machine and prints a markdown table: iteration and optimizer-step time, per-rank Newton-Schulz time
+``python benchmarks/deepspeed_optimizer.py [--stages 1,3] [--worlds 1,2,4]`` launches each configuration
+with torchrun on this machine and prints a markdown table: iteration and optimizer-step time, per-rank Newton-Schulz time
 and FLOPs, bytes communicated per step beyond AdamW's, optimizer-state memory per rank, and the
 iteration-time ratio to AdamW measured in the same run. DeepSpeed's built-in Muon runs in processes
 where muon_ds is not activated (``MUON_DS_AUTOLOAD=0``, no import), so the name "Muon" is its own.
@@ -90,9 +90,11 @@ def worker(args: argparse.Namespace) -> None:
     name = "AdamW" if args.optimizer == "adamw" else "Muon"
     config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
               "optimizer": {"type": name, "params": {"lr": 1e-3, "weight_decay": 0.1}},
-              "zero_optimization": {"stage": 1}}
+              "zero_optimization": {"stage": args.stage}}
     if args.optimizer == "deepspeed_muon":
         config["optimizer"]["params"]["momentum"] = 0.95
+        if args.stage == 3:  # the built-in refuses ZeRO-3's reduce-scatter
+            config["zero_optimization"]["reduce_scatter"] = False
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     built = type(engine.basic_optimizer).__name__
     expected = {"adamw": ("FusedAdam", "AdamW"), "muon_ds": ("Muon",), "deepspeed_muon": ("MuonWithAuxAdam",)}
@@ -118,8 +120,8 @@ def worker(args: argparse.Namespace) -> None:
     basic = engine.basic_optimizer
     state_bytes = sum(t.numel() * t.element_size() for s in basic.state.values() for t in s.values()
                       if torch.is_tensor(t))
-    result = {"optimizer": args.optimizer, "world": dist.get_world_size(), "rank": dist.get_rank(),
-              "params": sum(p.numel() for p in model.parameters()),
+    result = {"optimizer": args.optimizer, "stage": args.stage, "world": dist.get_world_size(),
+              "rank": dist.get_rank(), "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
               "iteration_s": sum(iteration) / len(iteration), "step_s": sum(step_time) / len(step_time),
               "ns_s": counters["ns_seconds"] / args.steps, "ns_gflop": counters["ns_flops"] / args.steps / 1e9,
               "comm_mb": comm["bytes"] / args.steps / 2**20, "state_mb": state_bytes / 2**20}
@@ -127,22 +129,25 @@ def worker(args: argparse.Namespace) -> None:
         f.write(json.dumps(result) + "\n")
 
 
-def launch(world: int, optimizer: str, args: argparse.Namespace, out: Path) -> None:
+def launch(stage: int, world: int, optimizer: str, args: argparse.Namespace, out: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
     if optimizer == "deepspeed_muon":
         env["MUON_DS_AUTOLOAD"] = "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           __file__, "--worker", "--optimizer", optimizer, "--out", str(out), "--width", str(args.width),
+           __file__, "--worker", "--optimizer", optimizer, "--stage", str(stage), "--out", str(out),
+           "--width", str(args.width),
            "--layers", str(args.layers), "--seq-len", str(args.seq_len), "--micro-batch", str(args.micro_batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     subprocess.run(cmd, env=env, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def table(rows: list[dict[str, Any]], worlds: list[int]) -> str:
-    lines = ["| W | optimizer | iteration s | x AdamW | step s | NS s/rank (max) | NS GFLOP/rank (max) "
-             "| comm MB/step/rank beyond AdamW | state MB/rank |", "|---|---|---|---|---|---|---|---|---|"]
-    for world in worlds:
-        by = {o: [r for r in rows if r["world"] == world and r["optimizer"] == o] for o in OPTIMIZERS}
+def table(rows: list[dict[str, Any]], stages: list[int], worlds: list[int]) -> str:
+    lines = ["| ZeRO | W | optimizer | iteration s | x AdamW | step s | NS s/rank (max) | NS GFLOP/rank (max) "
+             "| comm MB/step/rank beyond AdamW | state MB/rank |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for stage, world in ((s, w) for s in stages for w in worlds):
+        by = {o: [r for r in rows if (r["stage"], r["world"], r["optimizer"]) == (stage, world, o)] for o in OPTIMIZERS}
+        if not by["adamw"]:
+            continue
         base = max(r["iteration_s"] for r in by["adamw"])
         base_comm = max(r["comm_mb"] for r in by["adamw"])
         for optimizer in OPTIMIZERS:
@@ -150,7 +155,7 @@ def table(rows: list[dict[str, Any]], worlds: list[int]) -> str:
             if not rs:
                 continue
             it = max(r["iteration_s"] for r in rs)
-            lines.append(f"| {world} | {optimizer} | {it:.3f} | {it / base:.2f} | {max(r['step_s'] for r in rs):.3f} "
+            lines.append(f"| {stage} | {world} | {optimizer} | {it:.3f} | {it / base:.2f} | {max(r['step_s'] for r in rs):.3f} "
                          f"| {max(r['ns_s'] for r in rs):.3f} | {max(r['ns_gflop'] for r in rs):.2f} "
                          f"| {max(r['comm_mb'] for r in rs) - base_comm:.2f} | {max(r['state_mb'] for r in rs):.1f} |")
     return "\n".join(lines)
@@ -158,7 +163,9 @@ def table(rows: list[dict[str, Any]], worlds: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default="1,3")
     parser.add_argument("--worlds", default="1,2,4")
+    parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -172,18 +179,20 @@ def main() -> None:
     if args.worker:
         return worker(args)
     worlds = [int(w) for w in args.worlds.split(",")]
+    stages = [int(s) for s in args.stages.split(",")]
     out = Path(args.out or "/tmp/muon_ds_benchmark.jsonl")
     out.unlink(missing_ok=True)
-    for world in worlds:
-        for optimizer in OPTIMIZERS:
-            try:
-                launch(world, optimizer, args, out)
-            except subprocess.CalledProcessError as err:
-                print(f"W={world} {optimizer} failed:\n{err.stderr.decode()[-2000:]}", file=sys.stderr)
+    for stage in stages:
+        for world in worlds:
+            for optimizer in OPTIMIZERS:
+                try:
+                    launch(stage, world, optimizer, args, out)
+                except subprocess.CalledProcessError as err:
+                    print(f"ZeRO-{stage} W={world} {optimizer} failed:\n{err.stderr.decode()[-2000:]}", file=sys.stderr)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    print(f"model: {rows[0]['params'] / 1e6:.1f}M parameters, ZeRO-1 fp32, micro-batch {args.micro_batch} x "
+    print(f"model: {rows[0]['params'] / 1e6:.1f}M parameters, fp32, micro-batch {args.micro_batch} x "
           f"{args.seq_len} tokens per rank, {os.cpu_count()} CPU cores, gloo")
-    print(table(rows, worlds))
+    print(table(rows, stages, worlds))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class Muon(torch.optim.Optimizer):
         self.sync_group: Optional[dist.ProcessGroup] = None
         self.distributed = False
         self.engine_checks_overflow = False  # the engine skips steps with non-finite gradients itself
+        self.overflow = False  # the last step was skipped; DeepSpeed's engine reads this name (skipped_steps, lr)
 
     def _group_options(self, group: dict[str, Any], index: int) -> tuple[MuonOptions, dict[str, Any]]:
         """A group's options (the constructor's, overridden by the group's own keys), validated; and
@@ -144,7 +145,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.engine_checks_overflow and not self._grads_finite():
+        self.overflow = not self.engine_checks_overflow and not self._grads_finite()
+        if self.overflow:
             self.skipped_steps += 1
             logger.warning("muon_ds: a gradient is not finite, the step is skipped with momentum untouched "
                            "(%d skipped so far)", self.skipped_steps)

@@ -7,6 +7,7 @@ and each rank removes the shared-memory buffers DeepSpeed's CPU all-reduce leave
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from muon_ds.newton_schulz import ns_flops
 from muon_ds.optim import Muon
 from muon_ds.partition import GroupLayout, per_parameter_layouts
 from muon_ds.plan import Holding, Matrix, Piece, make_plan
-from tests.ds_scenarios import OPTIONS, STEPS, ds_config, make_model
+from tests.distributed import REPO
+from tests.ds_scenarios import GLOBAL_BATCH, OPTIONS, STEPS, ds_config, make_model
 from tests.ds_worker import TinyMoE, _error_of, all_ranks, train
 
 SCENARIOS: dict[str, Callable[[Path], Any]] = {}
@@ -127,6 +129,18 @@ def saved(out: Path) -> dict[str, Any]:
     return result
 
 
+def resume(out: Path) -> dict[str, Any]:
+    """Save after 2 steps, train 2 more; a fresh engine (other initial weights) loads and trains the same 2."""
+    engine = build(z3())
+    train(engine, range(2))
+    engine.save_checkpoint(str(out / "z3_resume"), tag="step2")
+    train(engine, range(2, 4))
+    fresh = build(z3(), seed=1)
+    fresh.load_checkpoint(str(out / "z3_resume"), tag="step2")
+    train(fresh, range(2, 4))
+    return {"continued": full_weights(engine), "resumed": full_weights(fresh)}
+
+
 def layout_stats() -> dict[str, Any]:
     """What the ZeRO-3 plans compute and move, and how big each rank's momentum is."""
     engine = build(z3())
@@ -149,6 +163,7 @@ def errors() -> dict[str, str]:
     cases = {
         "offload_optimizer": z3(offload_optimizer={"device": "cpu"}),
         "offload_param": z3(offload_param={"device": "cpu"}),
+        "parms": {**z3(), "optimizer": {"type": "Muon", "parms": {"lr": 0.5}}},
     }
     found = {name: _error_of(lambda c=config: build(c)) for name, config in cases.items()}
 
@@ -173,6 +188,41 @@ def client_optimizer(zero_init: bool) -> dict[str, Any]:
     return {"weights": full_weights(engine), "matrices": matrix_keys(engine)}
 
 
+def shipped_config(name: str) -> dict[str, Any]:
+    """A config from configs/deepspeed/, with the batch sizes of this world."""
+    config = json.loads((REPO / "configs" / "deepspeed" / name).read_text())
+    config.pop("train_batch_size", None)
+    config["gradient_accumulation_steps"] = 1
+    config["train_micro_batch_size_per_gpu"] = GLOBAL_BATCH // dist.get_world_size()
+    return config
+
+
+def trains(config: dict[str, Any]) -> dict[str, Any]:
+    """Initialize with ``config`` and take STEPS steps; the losses and the wrapper DeepSpeed chose."""
+    engine = build(config)
+    train(engine, range(STEPS))
+    return {"wrapper": type(engine.optimizer).__name__, "weights": full_weights(engine)}
+
+
+WARMUP = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": OPTIONS["lr"],
+                                         "warmup_num_steps": 10, "warmup_type": "linear"}}
+
+
+def skip_is_counted(config: dict[str, Any]) -> dict[str, Any]:
+    """A skipped step must count as skipped and hold the lr schedule, as the ZeRO-1/2 wrappers do."""
+    engine = build({**config, "scheduler": WARMUP})
+    train(engine, range(1))
+    lr, schedule = engine.get_lr()[0], engine.lr_scheduler.last_batch_iteration
+    before = full_weights(engine)
+    train(engine, range(1, 2), poison_step=1)
+    held = (engine.get_lr()[0] == lr and engine.lr_scheduler.last_batch_iteration == schedule)
+    same = all(torch.equal(before[k], v) for k, v in full_weights(engine).items())
+    skipped = engine.skipped_steps
+    train(engine, range(2, 3))
+    return {"skipped": skipped, "lr_held": held, "weights_same": all_ranks(same),
+            "lr_moves_again": engine.get_lr()[0] > lr}
+
+
 def _register() -> None:
     for accumulation in (1, 2):
         for init in (False, True):
@@ -184,10 +234,19 @@ def _register() -> None:
     SCENARIOS["s3_control"] = control
     SCENARIOS["s3_nan_skip"] = lambda out: skip_check()
     SCENARIOS["s3_saved"] = saved
+    SCENARIOS["s3_resume"] = resume
     SCENARIOS["s3_layout"] = lambda out: layout_stats()
     SCENARIOS["s3_errors"] = lambda out: errors()
     SCENARIOS["s3_client"] = lambda out: client_optimizer(zero_init=False)
     SCENARIOS["s3_client_init"] = lambda out: client_optimizer(zero_init=True)
+    SCENARIOS["z0_bf16_shipped"] = lambda out: trains(shipped_config("zero0_bf16.json"))
+    SCENARIOS["z0_bf16"] = lambda out: trains(ds_config(0, dist.get_world_size(), bf16={"enabled": True}))
+    SCENARIOS["z0_fp16"] = lambda out: trains(ds_config(0, dist.get_world_size(),
+                                                        fp16={"enabled": True, "loss_scale": 1024}))
+    for stage in (0, 1, 3):
+        SCENARIOS[f"skip_counted_s{stage}"] = lambda out, s=stage: skip_is_counted(ds_config(s, dist.get_world_size()))
+    SCENARIOS["skip_counted_s0_bf16"] = lambda out: skip_is_counted(
+        ds_config(0, dist.get_world_size(), bf16={"enabled": True}))
 
 
 def remove_shared_memory_buffers() -> None:

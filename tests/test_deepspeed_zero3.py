@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-3 with "type": "Muon" on 1-4 CPU ranks equals one process on the same global batch:
-with and without zero.Init, gradient accumulation, several sub-groups, and ZeRO-3's usual features."""
+with and without zero.Init, gradient accumulation, several sub-groups, and ZeRO-3's usual features.
+Also run in the same launches: ZeRO-0's bf16/fp16 wrapper and skipped steps at every stage."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from tests.ds_scenarios import initial_weights, reference_weights, update_error
 
 FLOAT32_ROUNDING = 1e-4  # measured: about 6e-6; the fragment control gives about 0.6
 BF16_ROUNDING = 0.15  # measured: 0.07 with bf16 weights and forward, against the fp32 reference
+FP16_ROUNDING = 0.1  # measured: 0.05 (ZeRO-0, static loss scale)
 MATRICES = ["down.weight", "mix.weight", "up.weight"]  # what muon_ds's Muon classifies in one process
 RUNS = {
-    1: ["s3_ga1", "s3_ga1_init", "s3_bf16", "s3_layout", "s3_errors"],
+    1: ["s3_ga1", "s3_ga1_init", "s3_bf16", "s3_layout", "s3_errors", "z0_bf16_shipped"],
     2: ["s3_ga1", "s3_ga1_init", "s3_ga2", "s3_ga2_init", "s3_subgroups", "s3_clip", "s3_bf16", "s3_control",
-        "s3_nan_skip", "s3_saved", "s3_layout", "s3_client_init"],
+        "s3_nan_skip", "s3_saved", "s3_resume", "s3_layout", "s3_client_init", "z0_bf16", "z0_fp16", "skip_counted_s0",
+        "skip_counted_s0_bf16", "skip_counted_s1", "skip_counted_s3"],
     3: ["s3_ga1", "s3_ga2_init", "s3_subgroups", "s3_control", "s3_layout"],
     4: ["s3_ga1_init", "s3_layout"],
 }
@@ -98,6 +101,12 @@ def test_saved_model_and_zero_to_fp32_hold_the_trained_weights(runs: dict, refer
         assert torch.equal(result["model_file"][key].float(), value), key  # stage3_gather_16bit_weights
 
 
+def test_resume_equals_uninterrupted(runs: dict) -> None:
+    result = runs[2]["s3_resume"]
+    for key, value in result["continued"].items():
+        assert torch.equal(value, result["resumed"][key]), key
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_work_is_balanced_and_traffic_bounded(runs: dict, world: int) -> None:
     stats = runs[world]["s3_layout"]
@@ -113,6 +122,31 @@ def test_work_is_balanced_and_traffic_bounded(runs: dict, world: int) -> None:
     ("offload_optimizer", "offload_optimizer / offload_param are not supported"),
     ("offload_param", "offload_optimizer / offload_param are not supported"),
     ("moe", "zero_optimization.stage=3 with MoE layers is not supported by the Muon optimizer"),
+    ("parms", "optimizer section: unknown key(s) ['parms'] beside 'type' and 'params'"),
 ])
 def test_unsupported_zero3_settings_are_clear_errors(runs: dict, case: str, expected: str) -> None:
     assert expected in runs[1]["s3_errors"][case]
+
+
+def test_shipped_zero0_bf16_config_trains(runs: dict) -> None:
+    """configs/deepspeed/zero0_bf16.json (its lr, scheduler and clipping) through FP16_UnfusedOptimizer."""
+    result = runs[1]["z0_bf16_shipped"]
+    assert result["wrapper"] == "FP16_UnfusedOptimizer"
+    start = initial_weights()
+    assert all(torch.isfinite(v).all() for v in result["weights"].values())
+    assert all(not torch.equal(result["weights"][k], start[k]) for k in MATRICES)  # (norms: below bf16 spacing)
+
+
+@pytest.mark.parametrize("name,tolerance", [("z0_bf16", BF16_ROUNDING), ("z0_fp16", FP16_ROUNDING)])
+def test_zero0_low_precision_follows_the_fp32_reference(runs: dict, reference: dict, name: str,
+                                                        tolerance: float) -> None:
+    result = runs[2][name]
+    assert result["wrapper"] == "FP16_UnfusedOptimizer"  # Muon steps on the wrapper's fp32 copies
+    assert update_error(result["weights"], reference, initial_weights()) < tolerance
+
+
+@pytest.mark.parametrize("name", ["skip_counted_s0", "skip_counted_s0_bf16", "skip_counted_s1", "skip_counted_s3"])
+def test_skipped_step_is_counted_and_holds_the_lr_schedule(runs: dict, name: str) -> None:
+    result = runs[2][name]
+    assert result["skipped"] == 1 and result["lr_held"] and result["weights_same"]
+    assert result["lr_moves_again"]

@@ -55,6 +55,12 @@ def main() -> None:
     train_data, val_data = corpus.split(root)
     sequences = max(args.max_steps, 1) * args.per_device_train_batch_size * args.gradient_accumulation_steps \
         * args.world_size
+    if args.deepspeed and args.use_cpu and torch.distributed.is_initialized():
+        # Under ZeRO-3 the model is built in deepspeed.zero.Init, which takes the world size from
+        # deepspeed.comm; on CPU the Trainer initializes only torch.distributed.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(script.model_config))
     trainer = Trainer(model=model, args=args,

@@ -7,6 +7,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.runtime.zero import utils as zero_utils
 from deepspeed.utils.logging import print_dist
 from packaging.version import Version
@@ -25,6 +26,11 @@ def check_engine(engine: DeepSpeedEngine) -> None:
     if not low <= version < high:
         raise RuntimeError(f"muon_ds {muon_ds.__version__} is tested with deepspeed >={low},<{high}; "
                            f"found deepspeed {deepspeed.__version__}")
+    section = engine._config._param_dict.get("optimizer", {})  # DeepSpeed reads only the keys it knows
+    unknown = sorted(set(section) - {"type", "params"})
+    if isinstance(section, dict) and str(section.get("type", "")).lower() == "muon" and unknown:
+        raise ValueError(f"optimizer section: unknown key(s) {unknown} beside 'type' and 'params' (the Muon "
+                         "options go in 'params')")
     stage = engine.zero_optimization_stage()
     if stage not in SUPPORTED_ZERO_STAGES:
         raise ValueError(f"zero_optimization.stage={stage} is not supported by the Muon optimizer; "
@@ -98,6 +104,14 @@ def register() -> None:
         if config.optimizer_name != "muon":
             tag_parameters(config, model)
 
+    def initialize_optimizer_states(self: FP16_UnfusedOptimizer) -> None:
+        # DeepSpeed primes optimizer state with a zero-gradient step on its fp32 copies; on Muon that step
+        # would decay the weights and count an AdamW step. Muon creates its state at the first real step.
+        if not isinstance(self.optimizer, Muon):
+            prime_states(self)
+
+    prime_states = FP16_UnfusedOptimizer.initialize_optimizer_states
+    FP16_UnfusedOptimizer.initialize_optimizer_states = initialize_optimizer_states
     tag_parameters = deepspeed.set_optimizer_flags
     deepspeed.set_optimizer_flags = set_optimizer_flags
     DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
