@@ -96,7 +96,7 @@ def _ds_to_universal(args: argparse.Namespace) -> int:
 
 
 def _add_deepspeed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ds-to-universal", help="DeepSpeed ZeRO-1/2 checkpoint of Muon -> universal checkpoint "
+    p = sub.add_parser("ds-to-universal", help="DeepSpeed ZeRO 1-3 checkpoint of Muon -> universal checkpoint "
                        "(DeepSpeed's ds_to_universal, with Muon's momentum and AdamW's moments)")
     p.add_argument("--input", required=True, help="a checkpoint tag directory (e.g. checkpoints/step100)")
     p.add_argument("--output", required=True, help="directory to write <tag>/ and latest_universal into")

@@ -74,3 +74,14 @@ def test_stalled_rank_fails_the_job_in_bounded_time_with_a_message(tmp_path: Pat
     assert procs[0].returncode == 1
     assert "rank 0: a collective failed (timeout 5 s, $MUON_DS_COLLECTIVE_TIMEOUT): another rank stalled" in out
     assert waited >= STALL_TIMEOUT_S * 0.9
+
+
+def test_a_directory_without_complete_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
+    from muon_ds.deepspeed.checkpoint import resume
+
+    (tmp_path / "step2").mkdir()  # written by engine.save_checkpoint: no completion record
+    (tmp_path / "latest").write_text("step2")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint .* its 'latest' was not written by muon_ds"):
+        resume(None, tmp_path)  # type: ignore[arg-type]  (refused before the engine is used)
+    (tmp_path / "latest").unlink()
+    assert resume(None, tmp_path) is None  # type: ignore[arg-type]  (nothing to resume: start afresh)

@@ -1,4 +1,4 @@
-"""A ZeRO-1/2 checkpoint saved at W=2 resumes at W=1 and W=3 and trains on as the uninterrupted run."""
+"""A ZeRO 1, 2 or 3 checkpoint saved at W=2 resumes at W=1 and W=3 and trains on as the uninterrupted run."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def uninterrupted() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("world", [1, 3])
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_at_another_world_size_equals_uninterrupted(resumed: dict, uninterrupted: dict, world: int,
                                                            stage: int) -> None:
     weights = resumed[world]["resume"][stage]

@@ -61,9 +61,11 @@ def newest_complete(save_dir: PathLike) -> Optional[str]:
     return max(done)[1] if done else None
 
 
-def _agree(flag: bool) -> bool:
-    """Rank 0's answer, on every rank (ranks may see a shared filesystem at different moments)."""
-    value = torch.tensor([float(flag)])
+def _agree(flag: bool, device: torch.device) -> bool:
+    """Rank 0's answer, on every rank (ranks may see a shared filesystem at different moments).
+
+    ``device``: the engine's, where the backend can communicate (NCCL needs GPU tensors)."""
+    value = torch.tensor([float(flag)], device=device)
     dist.broadcast(value, src=0)
     return bool(value.item())
 
@@ -72,7 +74,7 @@ def save(engine: DeepSpeedEngine, save_dir: PathLike, tag: str, client_state: Op
          ) -> bool:
     """Save ``tag`` on every rank, then point ``latest`` at it; False (nothing written) if it is already complete."""
     save_dir = Path(save_dir)
-    if _agree(dist.get_rank() == 0 and completion(save_dir / tag) is not None):
+    if _agree(dist.get_rank() == 0 and completion(save_dir / tag) is not None, engine.device):
         log.info("checkpoint %s is already complete in %s: not rewritten", tag, save_dir)
         return False
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state or {}, save_latest=False)
@@ -87,19 +89,26 @@ def save(engine: DeepSpeedEngine, save_dir: PathLike, tag: str, client_state: Op
 
 @contextlib.contextmanager
 def _loading_universal(engine: DeepSpeedEngine) -> Iterator[None]:
-    """``"checkpoint": {"load_universal": true}`` for one load (DeepSpeed reads it from its config)."""
+    """``"checkpoint": {"load_universal": true}`` for one load (DeepSpeed reads it from its config),
+    with muon_ds's ZeRO-3 loader in place of DeepSpeed's Adam-only one."""
+    from muon_ds.deepspeed.universal import load_stage3
+
     before = engine._config.load_universal_checkpoint
     engine._config.load_universal_checkpoint = True
+    if engine.zero_optimization_stage() == 3:
+        engine.optimizer.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = \
+            lambda checkpoint_dir: load_stage3(engine.optimizer, checkpoint_dir)
     try:
         yield
     finally:
         engine._config.load_universal_checkpoint = before
+        vars(engine.optimizer).pop("load_hp_checkpoint_state_from_checkpoint_dir_stage3", None)
 
 
 def resume(engine: DeepSpeedEngine, save_dir: PathLike) -> Optional[tuple[str, dict[str, Any]]]:
     """Load the newest complete tag; returns (tag, client_state), or None when there is nothing to resume.
 
-    A ZeRO-1/2 checkpoint saved at another data-parallel world size is converted to DeepSpeed's
+    A ZeRO 1-3 checkpoint saved at another data-parallel world size is converted to DeepSpeed's
     universal layout (once, by rank 0, into ``save_dir/universal``) and loaded from there.
     """
     save_dir = Path(save_dir)
@@ -112,11 +121,7 @@ def resume(engine: DeepSpeedEngine, save_dir: PathLike) -> Optional[tuple[str, d
         return None
     info = completion(save_dir / tag)
     load_dir = save_dir
-    moved = info["world_size"] != engine.dp_world_size
-    if moved and info["zero_stage"] not in (0, 1, 2):
-        raise ValueError(f"{save_dir / tag}: saved under ZeRO stage {info['zero_stage']} at data-parallel size "
-                         f"{info['world_size']}; it resumes at that size only (now {engine.dp_world_size})")
-    if moved and info["zero_stage"] in (1, 2):
+    if info["world_size"] != engine.dp_world_size and info["zero_stage"] > 0:
         load_dir = save_dir / UNIVERSAL
         error = None
         if dist.get_rank() == 0 and not (load_dir / tag).is_dir():
@@ -126,7 +131,7 @@ def resume(engine: DeepSpeedEngine, save_dir: PathLike) -> Optional[tuple[str, d
                 to_universal(save_dir / tag, load_dir)
             except Exception as err:  # re-raised below on rank 0; the others must not wait for it
                 error = err
-        if _agree(error is not None):
+        if _agree(error is not None, engine.device):
             if error is not None:
                 raise error
             raise RuntimeError(f"rank 0 could not convert {save_dir / tag} to a universal checkpoint (see its log)")
