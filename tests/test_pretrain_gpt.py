@@ -42,7 +42,7 @@ LAYOUTS = {
     "dp2": ["--overlap-grad-reduce", "--overlap-param-gather"],
     "tp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "ep2": ["--expert-model-parallel-size", "2"],
-    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "pp2": ["--pipeline-model-parallel-size", "2", "--decoder-first-pipeline-num-layers", "2"],  # 3 layers: 2 + 1
 }
 FORMATS = ("torch_dist", "torch")
 PATCHED = "ep2"  # the layout whose uninterrupted run uses the patched training scripts
