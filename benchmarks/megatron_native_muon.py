@@ -5,11 +5,12 @@
 Both optimizers get Moonlight's settings (momentum 0.95 with Nesterov, 0.2 sqrt(max(A, B)) scale, NS in
 float32 so only the layout can differ) through ``muon_ds.megatron.moonlight_optimizer_config``; the native one is
 built by megatron-core's own ``get_megatron_optimizer``, muon-ds's by ``muon_ds.megatron.get_megatron_optimizer``.
-Each trains 3 steps from the same weights on the same batches (tests/megatron_worker.py on CPU/gloo, without the
-distributed optimizer, which the native Muon does not take), at TP=1 and at TP=2 + SP in every TP mode; the
+Each trains 3 steps from the same weights on the same batches (tests/megatron_worker.py on CPU/gloo), on 1 rank
+and at TP=2 + SP in every TP mode (without the distributed optimizer); the
 table gives the largest difference of a Muon matrix between TP=2 and TP=1, relative to the change training made
-to it (float32 rounding is ~1e-6), and the time per training step at TP=2 on 2 CPU ranks. Then both are asked
-for the settings Megatron users run with, and the refusals are listed.
+to it (float32 rounding is ~1e-6), and the time per training step (after the first) on 2 CPU ranks; the same
+for DP=2 with the standard distributed optimizer. Then both are asked for the settings Megatron users run
+with, and the refusals are listed.
 
 Runs on megatron-core 0.19.2 prepared by tests/megatron_lm.py (downloaded once, with emerging-optimizers).
 """
@@ -70,16 +71,19 @@ def main() -> None:
 
         print(f"megatron-core {megatron_lm.VERSION}, tiny Moonlight (tests/data/moonlight-tiny.config.json), "
               "3 steps, 2 CPU ranks (gloo)\n")
-        print("| optimizer | TP mode | TP=2 vs TP=1 (max rel. diff of a Muon matrix) | step s at TP=2 |")
-        print("|---|---|---|---|")
+        print("| optimizer | layout (2 ranks) | TP mode | vs 1 rank: max rel. diff of a Muon matrix | s/step |")
+        print("|---|---|---|---|---|")
         for who, label, modes in (("ours", "muon-ds", ("distributed", "blockwise")), ("native", "megatron-core native", MODES)):
             reference = _load(out, f"{who}_tp1")
-            for mode in modes:
-                run = _load(out, f"{who}_{mode}")
+            rows = [("TP=2 + SP", mode, f"{who}_{mode}") for mode in modes]
+            rows.append(("DP=2, distributed optimizer", "-", f"{who}_refuse0"))
+            for layout, mode, name in rows:
+                run = _load(out, name)
                 if "error" in run or "error" in reference:
-                    print(f"| {label} | {mode} | refused: {run.get('error') or reference['error']} | - |")
+                    print(f"| {label} | {layout} | {mode} | refused: {run.get('error') or reference['error']} | - |")
                     continue
-                print(f"| {label} | {mode} | {_muon_difference(run, reference):.1e} | {run['seconds']:.3f} |")
+                print(f"| {label} | {layout} | {mode} | {_muon_difference(run, reference):.1e} | "
+                      f"{run['seconds']:.3f} |")
         print("\n| asked for | muon-ds | megatron-core native |\n|---|---|---|")
         for i, asked in enumerate(REFUSALS.values()):
             cells = [_load(out, f"{who}_refuse{i}") for who in ("ours", "native")]
