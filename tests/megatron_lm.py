@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 VERSION_016, VERSION = "0.16.1", "0.19.2"
 VERSIONS = (VERSION_016, VERSION)
@@ -39,7 +40,8 @@ ARCHIVE_TAGS = {VERSION_016: "core_v0.16.1", VERSION: "core_v0.19.0"}  # the Meg
 DEPENDENCIES = ("triton==3.9.0", "pybind11>=2.12")  # six (Megatron-LM's training scripts) is a test extra
 CACHE = Path(os.environ.get("MUON_DS_TEST_CACHE", Path.home() / ".cache" / "muon-ds-tests"))
 ROOT = CACHE / f"megatron-core-{VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
-SITE, DEPS, DONE = ROOT / "site", ROOT / "deps", ROOT / "complete"
+SITE, DEPS = ROOT / "site", ROOT / "deps"
+EMERGING_OPTIMIZERS = "0.3.0"
 
 
 def _pip(*args: str) -> None:
@@ -58,26 +60,51 @@ def _build_helpers(site: Path, deps: Path) -> None:
                    check=True)
 
 
+def _once(root: Path, build: Callable[[Path], None]) -> Path:
+    """``build(tmp)`` fills a fresh directory that becomes ``root``, once (a lock serialises concurrent runs)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+                build(Path(tmp))
+                Path(tmp, "complete").touch()
+                Path(tmp).rename(root)
+                Path(tmp).mkdir()  # for TemporaryDirectory's clean-up
+    return root
+
+
+def _download_wheel(requirement: str, into: Path) -> None:
+    """A cp312 / py3.12-only wheel, unpacked into ``into`` (its Python code runs on 3.11)."""
+    with tempfile.TemporaryDirectory() as wheels:
+        _pip("download", "--no-deps", "--python-version", "3.12", "--only-binary=:all:", requirement, "-d", wheels)
+        (wheel,) = Path(wheels).glob("*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(into)
+
+
+def _build_019(tmp: Path) -> None:
+    _download_wheel(f"megatron-core=={VERSION}", tmp / "site")
+    _pip("install", "--no-deps", "--target", str(tmp / "deps"), *DEPENDENCIES)
+    _build_helpers(tmp / "site", tmp / "deps")
+
+
 def prepare() -> list[Path]:
     """Download, unpack and build megatron-core 0.19 once (idempotent, safe under concurrent test runs)."""
-    ROOT.parent.mkdir(parents=True, exist_ok=True)
-    with open(ROOT.parent / f"{ROOT.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not DONE.exists():
-            shutil.rmtree(ROOT, ignore_errors=True)
-            with tempfile.TemporaryDirectory(dir=ROOT.parent) as tmp:
-                _pip("download", "--no-deps", "--python-version", "3.12", "--only-binary=:all:",
-                     f"megatron-core=={VERSION}", "-d", tmp)
-                (wheel,) = Path(tmp).glob("megatron_core-*.whl")
-                with zipfile.ZipFile(wheel) as archive:
-                    archive.extractall(Path(tmp) / "site")
-                _pip("install", "--no-deps", "--target", str(Path(tmp) / "deps"), *DEPENDENCIES)
-                _build_helpers(Path(tmp) / "site", Path(tmp) / "deps")
-                ROOT.mkdir()
-                (Path(tmp) / "site").rename(SITE)
-                (Path(tmp) / "deps").rename(DEPS)
-            DONE.write_text(VERSION)
+    _once(ROOT, _build_019)
     return [SITE, DEPS]
+
+
+def emerging_optimizers() -> Path:
+    """megatron-core 0.19's native Muon needs NVIDIA's emerging-optimizers (py3.12-only metadata, runs on 3.11 with
+    tests/py311_compat) and absl-py: prepared once beside megatron-core 0.19, for benchmarks/megatron_native_muon.py."""
+
+    def build(tmp: Path) -> None:
+        _download_wheel(f"emerging-optimizers=={EMERGING_OPTIMIZERS}", tmp)
+        _pip("install", "--no-deps", "--target", str(tmp), "absl-py")
+
+    return _once(CACHE / f"emerging-optimizers-{EMERGING_OPTIMIZERS}", build)
 
 
 def pythonpath(version: str, triton: bool = False) -> list[Path]:

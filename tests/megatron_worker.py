@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from tests import megatron_cpu, megatron_cpu_optim
 TINY = json.loads((Path(__file__).parent / "data" / "moonlight-tiny.config.json").read_text())
 BATCH, SEQ, LR, WD = 4, 16, 0.02, 0.1
 DEFAULTS = dict(tp=1, ep=1, mode="distributed", distopt=1, steps=3, save="", load="", reference=0, clip=0.0,
-                bucket=0, overlap=0, precision="fp32", poison=-1, reshardable=0, pp=1, arch="moonlight",
+                bucket=0, overlap=0, precision="fp32", poison=-1, reshardable=0, pp=1, arch="moonlight", native=0,
                 format="torch_dist", config="moonlight")
 
 
@@ -167,7 +168,12 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
         opt_config = OptimizerConfig(optimizer="muon", **common)
     else:  # the Python route to Moonlight's settings (NS in float32 for the comparisons)
         opt_config = moonlight_optimizer_config(muon_fp32_matmul_prec="high", muon_tp_mode=options["mode"], **common)
-    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    if options["native"]:  # megatron-core 0.19's own Muon, given the same (Moonlight's) settings
+        from megatron.core.optimizer import get_megatron_optimizer as native_factory
+
+        optimizer = native_factory(opt_config, [ddp])
+    else:
+        optimizer = get_megatron_optimizer(opt_config, [ddp])
     return ddp, optimizer, config
 
 
@@ -349,6 +355,11 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
     logging.getLogger("muon_ds").addHandler(warned)
     try:
         ddp, optimizer, _config = build(options)
+    except (ValueError, RuntimeError, AssertionError, ImportError) as err:
+        if not options["native"]:
+            raise
+        torch.save({"error": f"{type(err).__name__}: {err}".splitlines()[0]}, out / f"{name}.rank{dist.get_rank()}.pt")
+        return  # what megatron-core's own Muon refuses (benchmarks/megatron_native_muon.py)
     finally:
         logging.getLogger("muon_ds").removeHandler(warned)
     # reference=1: Moonlight's split; reference=2: fused gate/up (a positive control the check must catch)
@@ -360,7 +371,10 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
         first = int(json.loads((out / options["load"] / "muon_test_step.json").read_text()))
     errors = []
     skipped_intact = None
+    started = None  # timed from the second step on: the first pays one-off set-up
     for step in range(first, options["steps"]):
+        if step == first + 1:
+            started = time.perf_counter()
         if step == options["poison"]:
             before = _optimizer_state(optimizer)
             ok = train_step(ddp, optimizer, step, poison=dist.get_rank() == 0)
@@ -378,13 +392,15 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
                 (directory / "muon_test_step.json").write_text(json.dumps(step + 1))
     if options["overlap"]:
         ddp.start_param_sync(force_sync=True)  # the last step's parameters are gathered lazily otherwise
-    layouts = [layout for o in optimizer.chained_optimizers if o.optimizer is not None
-               for layout in o.optimizer.layouts.values()]
+    seconds_per_step = (time.perf_counter() - started) / (options["steps"] - first - 1) if started else None
     result = {"weights": weights(ddp.module), "initial": initial, "reference_errors": errors,
-              "warnings": warned.messages,
-              "skipped_intact": skipped_intact, "loss_scale": float(optimizer.get_loss_scale()),
-              "gathers": sum(len(layout.plan.gathers) for layout in layouts),
-              "ns_flops": [sum(layout.plan.flops[r] for layout in layouts) for r in range(layouts[0].plan.world_size)]}
+              "warnings": warned.messages, "seconds_per_step": seconds_per_step,
+              "skipped_intact": skipped_intact, "loss_scale": float(optimizer.get_loss_scale())}
+    if not options["native"]:
+        layouts = [layout for o in optimizer.chained_optimizers if o.optimizer is not None
+                   for layout in o.optimizer.layouts.values()]
+        result.update(gathers=sum(len(layout.plan.gathers) for layout in layouts),
+                      ns_flops=[sum(layout.plan.flops[r] for layout in layouts) for r in range(layouts[0].plan.world_size)])
     torch.save(result, out / f"{name}.rank{dist.get_rank()}.pt")
 
 

@@ -12,6 +12,10 @@ where Moonlight's first layer is dense. :func:`install` therefore wraps ``gpt_bu
 (MLA with a TP-replicated kv down-projection, dense/MoE per ``--moe-layer-freq``, local or TE modules
 per ``--transformer-impl``); without them Megatron-LM's own builder runs unchanged.
 
+Megatron-LM core_v0.19.0's pretrain_gpt.py builds the model from a GPTModelConfig instead
+(``argument_utils.gpt_config_from_args``), whose ``transformer_layer_spec`` may be a callable:
+:func:`moonlight_model_config` points it at the same Moonlight specs.
+
 The transformer config still comes from Megatron's arguments (``configs/megatron/*.args.sh``), so
 parallelism, precision and recompute flags keep their meaning; ``--moonlight-config`` additionally checks
 those arguments against an HF ``config.json`` and names every field that differs.

@@ -1,7 +1,9 @@
 """Everything that differs between the megatron-core releases muon_ds is tested with (0.16.x and 0.19.x).
 
 The adapter reaches into megatron-core's optimizer wrappers, MLA layers and argument names; the few
-places where 0.16 and 0.19 differ are answered here and nowhere else.
+places where 0.16 and 0.19 differ are answered here. The one model difference (0.19 fuses a Q norm into MLA's
+``linear_q_proj``) needs no branch: muon_ds's MLA layer overrides the resolution hook only 0.19 calls
+(``muon_ds.models.local_layers.MoonlightMLASelfAttention._resolve_qk_norm_config``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,6 @@ def check_megatron_core(version: Optional[str] = None) -> None:
         ranges = " or ".join(f">={low},<{high}" for low, high in TESTED_MEGATRON_CORE)
         raise RuntimeError(f"muon_ds {muon_ds.__version__} supports megatron-core {ranges}; "
                            f"found megatron-core {version or found}")
-
-
-def is_019() -> bool:
-    """Whether megatron-core is 0.19 (else 0.16)."""
-    return megatron_core_version() >= Version("0.19.0")
 
 
 @dataclass(frozen=True)
