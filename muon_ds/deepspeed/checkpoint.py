@@ -89,20 +89,13 @@ def save(engine: DeepSpeedEngine, save_dir: PathLike, tag: str, client_state: Op
 
 @contextlib.contextmanager
 def _loading_universal(engine: DeepSpeedEngine) -> Iterator[None]:
-    """``"checkpoint": {"load_universal": true}`` for one load (DeepSpeed reads it from its config),
-    with muon_ds's ZeRO-3 loader in place of DeepSpeed's Adam-only one."""
-    from muon_ds.deepspeed.universal import load_stage3
-
+    """``"checkpoint": {"load_universal": true}`` for one load (DeepSpeed reads it from its config)."""
     before = engine._config.load_universal_checkpoint
     engine._config.load_universal_checkpoint = True
-    if engine.zero_optimization_stage() == 3:
-        engine.optimizer.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = \
-            lambda checkpoint_dir: load_stage3(engine.optimizer, checkpoint_dir)
     try:
         yield
     finally:
         engine._config.load_universal_checkpoint = before
-        vars(engine.optimizer).pop("load_hp_checkpoint_state_from_checkpoint_dir_stage3", None)
 
 
 def resume(engine: DeepSpeedEngine, save_dir: PathLike) -> Optional[tuple[str, dict[str, Any]]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import deepspeed
@@ -96,6 +97,12 @@ def register() -> None:
             from muon_ds.deepspeed.layouts import attach_layouts
 
             attach_layouts(self.optimizer, self.basic_optimizer)
+            if self.zero_optimization_stage() == 3:
+                from muon_ds.deepspeed.universal import load_stage3
+
+                # DeepSpeed's ZeRO-3 universal loader knows only Adam's state: ours, for load_universal.
+                self.optimizer.load_hp_checkpoint_state_from_checkpoint_dir_stage3 = functools.partial(
+                    load_stage3, self.optimizer)
             print_dist(describe(self, self.basic_optimizer), ranks=[0])
 
     def set_optimizer_flags(config: Any, model: torch.nn.Module) -> None:
