@@ -1,8 +1,8 @@
 """Benchmark: muon_ds's Muon vs DeepSpeed's AdamW and built-in Muon under ZeRO-1 and ZeRO-3, at W = 1, 2, 4.
 
 ``python benchmarks/deepspeed_optimizer.py [--stages 1,3] [--worlds 1,2,4]`` launches each configuration
-with torchrun on this machine and prints a markdown table: iteration and optimizer-step time, per-rank Newton-Schulz time
-and FLOPs, bytes communicated per step beyond AdamW's, optimizer-state memory per rank, and the
+with torchrun on this machine and prints a markdown table: iteration and optimizer-step time, per-rank
+Newton-Schulz time and FLOPs, bytes communicated per step beyond AdamW's, optimizer-state memory per rank, and the
 iteration-time ratio to AdamW measured in the same run. DeepSpeed's built-in Muon runs in processes
 where muon_ds is not activated (``MUON_DS_AUTOLOAD=0``, no import), so the name "Muon" is its own.
 """
@@ -155,7 +155,8 @@ def table(rows: list[dict[str, Any]], stages: list[int], worlds: list[int]) -> s
             if not rs:
                 continue
             it = max(r["iteration_s"] for r in rs)
-            lines.append(f"| {stage} | {world} | {optimizer} | {it:.3f} | {it / base:.2f} | {max(r['step_s'] for r in rs):.3f} "
+            lines.append(f"| {stage} | {world} | {optimizer} | {it:.3f} | {it / base:.2f} "
+                         f"| {max(r['step_s'] for r in rs):.3f} "
                          f"| {max(r['ns_s'] for r in rs):.3f} | {max(r['ns_gflop'] for r in rs):.2f} "
                          f"| {max(r['comm_mb'] for r in rs) - base_comm:.2f} | {max(r['state_mb'] for r in rs):.1f} |")
     return "\n".join(lines)

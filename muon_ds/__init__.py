@@ -1,4 +1,4 @@
-"""muon-ds: Moonlight's Muon optimizer for DeepSpeed (ZeRO 0/1/2) and Megatron-core.
+"""muon-ds: Moonlight's Muon optimizer for DeepSpeed (ZeRO 0-3) and Megatron-core.
 
 Importing the package makes ``"optimizer": {"type": "Muon"}`` in a DeepSpeed config build
 :class:`muon_ds.optim.Muon`: DeepSpeed is patched now if it is already imported, or as soon

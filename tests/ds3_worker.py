@@ -198,7 +198,7 @@ def shipped_config(name: str) -> dict[str, Any]:
 
 
 def trains(config: dict[str, Any]) -> dict[str, Any]:
-    """Initialize with ``config`` and take STEPS steps; the losses and the wrapper DeepSpeed chose."""
+    """Initialize with ``config`` and take STEPS steps: the wrapper DeepSpeed chose and the weights."""
     engine = build(config)
     train(engine, range(STEPS))
     return {"wrapper": type(engine.optimizer).__name__, "weights": full_weights(engine)}

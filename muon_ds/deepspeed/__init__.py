@@ -1,1 +1,1 @@
-"""DeepSpeed adapter: ``"optimizer": {"type": "Muon"}`` builds :class:`muon_ds.optim.Muon` under ZeRO 0/1/2."""
+"""DeepSpeed adapter: ``"optimizer": {"type": "Muon"}`` builds :class:`muon_ds.optim.Muon` under ZeRO 0-3."""
