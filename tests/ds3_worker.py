@@ -109,7 +109,7 @@ def skip_check() -> dict[str, Any]:
     train(engine, range(2, 4))
     moved = not all(torch.equal(after_w[k], v) for k, v in full_weights(engine).items())
     return {"weights_same": all_ranks(same_w), "momentum_same": all_ranks(same_m),
-            "skipped": engine.skipped_steps, "moved": moved}
+            "skipped": engine.skipped_steps, "muon_skipped": engine.basic_optimizer.skipped_steps, "moved": moved}
 
 
 def saved(out: Path) -> dict[str, Any]:

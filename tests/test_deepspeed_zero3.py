@@ -90,6 +90,7 @@ def test_gradient_clipping_matches_torch_clipping(runs: dict) -> None:
 def test_non_finite_gradient_skips_step_and_keeps_momentum(runs: dict) -> None:
     result = runs[2]["s3_nan_skip"]
     assert result["weights_same"] and result["momentum_same"] and result["skipped"] == 1
+    assert result["muon_skipped"] == 0  # the engine's check was the only agreement: Muon did not repeat it
     assert result["moved"]  # later steps train again
 
 

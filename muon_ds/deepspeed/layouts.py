@@ -90,6 +90,9 @@ def attach_stage3_layouts(wrapper: DeepSpeedZeroOptimizer_Stage3, muon: Muon) ->
     point Muon at that sub-group's layout, and let every other Muon group idle (no exchange)."""
     if wrapper.use_muon:  # DeepSpeed's own Muon (NS per micro-batch on use_muon tensors) must stay off
         raise RuntimeError("DeepSpeed's built-in ZeRO-3 Muon path is active beside muon_ds's Muon")
+    # Stage 3 skips a step whose global gradient norm is not finite (any dtype) before stepping any
+    # sub-group, so Muon's own agreement, once per sub-group, would only repeat it.
+    muon.engine_checks_overflow = True
     layouts = stage3_layouts(wrapper, muon)
     idle = GroupLayout([], make_plan([], [], 1))
     step_sub_group = wrapper._optimizer_step
