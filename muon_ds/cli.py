@@ -103,8 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
-        print(f"muon-ds: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as err:  # OSError: missing, existing or unwritable files
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        print(f"muon-ds: error: {message}", file=sys.stderr)
         return 2
 
 

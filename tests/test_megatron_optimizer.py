@@ -3,9 +3,10 @@
 Two launches run every scenario (megatron-core's import dominates the time): 2 ranks train with
 DP=2 (distributed optimizer, without it, with overlapped grad reduce / param gather and small
 buckets, with clipping), TP=2 (+SP), EP=2, PP=2, TP=2 blockwise, bf16, fp16 with an overflow, and
-save / resume checkpoints in both of Megatron-LM's formats (torch_dist, torch); then 1 rank trains the DP=1 run next to muon_ds's
-single-process Muon and resumes the DP=2 and TP=2 checkpoints (torch_dist, and torch for DP=2); 4 ranks train TP=2 x EP=2 and
-TP=2 x DP=2. Weights are compared after 3-4 steps with NS in float32.
+save / resume checkpoints in both of Megatron-LM's formats (torch_dist, torch); then 1 rank trains the
+DP=1 run next to muon_ds's single-process Muon and resumes the DP=2 and TP=2 checkpoints (torch_dist,
+and torch for DP=2); 4 ranks train TP=2 x EP=2 and TP=2 x DP=2. Weights are compared after 3-4 steps
+with NS in float32.
 """
 
 from __future__ import annotations
@@ -28,16 +29,23 @@ TWO_RANKS = ("dp2:steps=3", "dp2nodist:distopt=0,steps=3", "dp2overlap:overlap=1
              "fp16:precision=fp16,steps=3,poison=1",
              "full:steps=4", "first:steps=2,save=ckpt@2", "resumed:steps=4,load=ckpt",
              "tp2first:tp=2,steps=2,save=ckpt_tp@2,reshardable=1",
+             "tp2first_dp:tp=2,steps=2,save=ckpt_tp_dp@2",
              "nd_full:distopt=0,steps=4", "nd_first:distopt=0,steps=2,save=ckpt_nd@2",
              "nd_resumed:distopt=0,steps=4,load=ckpt_nd",
              "t_first:steps=2,save=ckpt_torch@2,format=torch", "t_resumed:steps=4,load=ckpt_torch,format=torch",
              "ep2_full:ep=2,steps=4", "ep2_t_first:ep=2,steps=2,save=ckpt_torch_ep@2,format=torch",
              "ep2_t_resumed:ep=2,steps=4,load=ckpt_torch_ep,format=torch",
-             "bf16_full:precision=bf16,steps=4", "bf16_t_first:precision=bf16,steps=2,save=ckpt_torch_bf16@2,format=torch",
-             "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch")
+             "bf16_full:precision=bf16,steps=4",
+             "bf16_t_first:precision=bf16,steps=2,save=ckpt_torch_bf16@2,format=torch",
+             "bf16_t_resumed:precision=bf16,steps=4,load=ckpt_torch_bf16,format=torch",
+             "tp2_full:tp=2,steps=4", "tp2_t_first:tp=2,steps=2,save=ckpt_torch_tp@2,format=torch",
+             "tp2_t_resumed:tp=2,steps=4,load=ckpt_torch_tp,format=torch",
+             "pp2_full:pp=2,steps=4", "pp2_t_first:pp=2,steps=2,save=ckpt_torch_pp@2,format=torch",
+             "pp2_t_resumed:pp=2,steps=4,load=ckpt_torch_pp,format=torch")
 ONE_RANK = ("ref:reference=1,steps=3", "gpt_ref:arch=gpt,reference=1,steps=3", "fused:reference=2,steps=3",
             "dp1clip:clip=0.05,steps=3", "resumed_dp1:steps=4,load=ckpt",
-            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
+            "resumed_tp1:steps=4,load=ckpt_tp,reshardable=1", "resumed_tp1_dp:steps=4,load=ckpt_tp_dp",
+            "t_resumed_dp1:steps=4,load=ckpt_torch,format=torch")
 FOUR_RANKS = ("tp2ep2:tp=2,ep=2,steps=3", "tp2dp2:tp=2,steps=3")
 ADAMW = ("embedding", "output_layer", "router", "layernorm", "norm.weight")
 
@@ -166,10 +174,12 @@ def test_resume_without_distributed_optimizer_is_exact(runs: Path) -> None:
 
 
 @pytest.mark.parametrize("resumed, full", [("t_resumed", "full"), ("ep2_t_resumed", "ep2_full"),
-                                           ("bf16_t_resumed", "bf16_full")])
+                                           ("bf16_t_resumed", "bf16_full"), ("tp2_t_resumed", "tp2_full"),
+                                           ("pp2_t_resumed", "pp2_full")])
 def test_resume_from_torch_format_with_distributed_optimizer_is_exact(runs: Path, resumed: str, full: str) -> None:
     """--ckpt-format torch with --use-distributed-optimizer (configs/megatron/*.args.sh): the model file,
-    the optimizer's state_dict and distrib_optim.pt (dense and expert members; fp32 and bf16 params)."""
+    the optimizer's state_dict and distrib_optim.pt (dense and expert members; fp32 and bf16 params; DP=2,
+    EP=2, TP=2 and PP=2: one distrib_optim.pt per model-parallel rank)."""
     run, reference = _load(runs, resumed)["weights"], _load(runs, full)["weights"]
     assert set(run) == set(reference)
     differ = [k for k in reference if not torch.equal(run[k], reference[k])]
@@ -186,9 +196,12 @@ def test_resume_at_another_dp_size(runs: Path) -> None:
     _assert_same_training(runs, "resumed_dp1", reference="full")
 
 
-def test_resume_at_another_tp_size(runs: Path) -> None:
-    """Saved at TP=2 (gate/up interleaved shards), resumed at TP=1; compared with an uninterrupted DP run."""
-    _assert_same_training(runs, "resumed_tp1", reference="full", muon_tolerance=1e-3)
+@pytest.mark.parametrize("resumed", ["resumed_tp1", "resumed_tp1_dp"])
+def test_resume_at_another_tp_size(runs: Path, resumed: str) -> None:
+    """Saved at TP=2 (gate/up interleaved shards), resumed at TP=1; compared with an uninterrupted DP run.
+    The model-space state reshards whatever the metadata says: with Megatron-LM's
+    --dist-ckpt-optim-fully-reshardable ("fully_reshardable") and without it ("dp_reshardable")."""
+    _assert_same_training(runs, resumed, reference="full", muon_tolerance=1e-3)
 
 
 def test_dp2_with_many_buckets_equals_dp1(runs: Path) -> None:

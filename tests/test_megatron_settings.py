@@ -43,6 +43,18 @@ def test_moonlight_defaults_replace_megatrons_unless_given() -> None:
     assert (args.muon_momentum, args.muon_tp_mode, getattr(args, NESTEROV.attribute)) == (0.8, "blockwise", True)
 
 
+def test_distributed_optimizer_checkpoints_are_marked_fully_reshardable() -> None:
+    """Megatron-LM refuses to resume at another TP/PP size unless the checkpoint's metadata says
+    'fully_reshardable', which muon_ds's model-space state always is (test_resume_at_another_tp_size)."""
+    args = _megatron_defaults()
+    args.use_distributed_optimizer, args.dist_ckpt_optim_fully_reshardable = True, False
+    assert apply_moonlight_defaults(args, argv=[]).dist_ckpt_optim_fully_reshardable is True
+    local = _megatron_defaults()  # Megatron-LM's local (non-persistent) checkpoints refuse that type
+    local.use_distributed_optimizer, local.dist_ckpt_optim_fully_reshardable = True, False
+    local.non_persistent_ckpt_type = "local"
+    assert apply_moonlight_defaults(local, argv=[]).dist_ckpt_optim_fully_reshardable is False
+
+
 def test_no_nesterov_flag_is_registered() -> None:
     parser = add_arguments(argparse.ArgumentParser())
     assert getattr(parser.parse_args([NESTEROV.off_flag]), NESTEROV.attribute) is False
@@ -174,3 +186,19 @@ def test_factory_takes_megatron_cores_arguments() -> None:
     theirs = list(inspect.signature(megatron_factory).parameters.values())
     assert [(p.name, p.default) for p in ours[:len(theirs)]] == [(p.name, p.default) for p in theirs]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+
+
+def test_torch_format_file_of_another_optimizer_or_model_is_refused() -> None:
+    """--ckpt-format torch: a distrib_optim.pt in megatron-core Adam's layout, or of other buffer sizes, is
+    named before anything is scattered (DP rank 0 decides, every rank raises)."""
+    from muon_ds.megatron.checkpoint import MuonDistributedOptimizer as Optimizer
+
+    this_run = SimpleNamespace(TORCH_FORMAT=Optimizer.TORCH_FORMAT, TORCH_STATE_KEYS=Optimizer.TORCH_STATE_KEYS,
+                               buffers=[SimpleNamespace(numel_unpadded=10)])
+    adam = {"buckets_coalesced": True, 0: {(torch.float32, torch.float32): {
+        "param": torch.zeros(10), "exp_avg": torch.zeros(10), "exp_avg_sq": torch.zeros(10), "numel_unpadded": 10}}}
+    assert "not written by muon_ds's Muon" in Optimizer._torch_format_problem(this_run, adam)
+    ours = {"format": Optimizer.TORCH_FORMAT, "buffers": [{k: torch.zeros(10) for k in Optimizer.TORCH_STATE_KEYS}]}
+    assert Optimizer._torch_format_problem(this_run, ours) is None
+    this_run.buffers[0].numel_unpadded = 12
+    assert "this run 12" in Optimizer._torch_format_problem(this_run, ours)

@@ -89,10 +89,8 @@ def setup(args: argparse.Namespace) -> str:
 def build(args: argparse.Namespace, device: str) -> tuple[Any, Any, Any]:
     """The tiny Moonlight in Megatron DDP (distributed optimizer) and muon_ds's Megatron Muon."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig
 
-    from muon_ds.megatron import get_megatron_optimizer
-    from muon_ds.megatron.arguments import MOONLIGHT_DEFAULTS
+    from muon_ds.megatron import get_megatron_optimizer, moonlight_optimizer_config
     from muon_ds.models.config import architecture_from_hf, load_hf_config, mla_transformer_config
     from muon_ds.models.spec import build_moonlight_model
 
@@ -106,11 +104,10 @@ def build(args: argparse.Namespace, device: str) -> tuple[Any, Any, Any]:
     model = build_moonlight_model(config, arch.vocab_size, arch.max_sequence_length).to(device)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                                         use_distributed_optimizer=True), model)
-    muon = {name: value for name, (value, _flags) in MOONLIGHT_DEFAULTS.items()}
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="muon", lr=args.lr, min_lr=args.lr,
-                                                       weight_decay=args.weight_decay, adam_beta1=0.9,
-                                                       adam_beta2=0.95, clip_grad=1.0, bf16=bf16,
-                                                       use_distributed_optimizer=True, **muon), [ddp])
+    optimizer = get_megatron_optimizer(moonlight_optimizer_config(lr=args.lr, min_lr=args.lr,
+                                                                  weight_decay=args.weight_decay, adam_beta1=0.9,
+                                                                  adam_beta2=0.95, clip_grad=1.0, bf16=bf16,
+                                                                  use_distributed_optimizer=True), [ddp])
     config.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, arch
 

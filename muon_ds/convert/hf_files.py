@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from muon_ds.convert.output import written
+from muon_ds.models.config import read_json
 
 __all__ = ["HFReader", "write_hf_shards", "copy_assets", "INDEX_NAME"]
 
@@ -29,10 +32,12 @@ class HFReader:
         index = self.directory / INDEX_NAME
         single = self.directory / "model.safetensors"
         if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise ValueError(f"{index}: 'weight_map' must map each tensor name to a shard file name")
+            self.weight_map: dict[str, str] = weight_map
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.weight_map = {k: single.name for k in f.keys()}
+            self.weight_map = {k: single.name for k in _open_shard(single).keys()}
         else:
             raise FileNotFoundError(f"no {INDEX_NAME} or model.safetensors in {self.directory}")
         missing = sorted({s for s in self.weight_map.values() if not (self.directory / s).is_file()})
@@ -44,6 +49,7 @@ class HFReader:
             )
         self._open_name: str | None = None
         self._open_file: Any = None
+        self._open_keys: set[str] = set()
 
     def _file(self, key: str) -> Any:
         """The shard holding ``key``; only one shard is mapped at a time, so pages read from earlier
@@ -53,8 +59,11 @@ class HFReader:
         shard = self.weight_map[key]
         if shard != self._open_name:
             self._open_file = None
-            self._open_file = safe_open(self.directory / shard, framework="pt")
+            self._open_file = _open_shard(self.directory / shard)
             self._open_name = shard
+            self._open_keys = set(self._open_file.keys())
+        if key not in self._open_keys:
+            raise KeyError(f"{self.directory / INDEX_NAME} lists tensor {key!r} in {shard}, which does not hold it")
         return self._open_file
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -91,21 +100,33 @@ def write_hf_shards(
     for key, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if pending and pending_bytes + nbytes > max_shard_bytes:
-            save_file(pending, str(directory / f"part-{shards}.safetensors"), metadata={"format": "pt"})
+            _save_shard(pending, directory / f"part-{shards}.safetensors")
             shards, pending, pending_bytes = shards + 1, {}, 0
         pending[key] = tensor.contiguous()
         shard_of[key] = shards
         pending_bytes += nbytes
         total += nbytes
-    save_file(pending, str(directory / f"part-{shards}.safetensors"), metadata={"format": "pt"})
+    _save_shard(pending, directory / f"part-{shards}.safetensors")
     shards += 1
     names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     for i, name in enumerate(names):
         (directory / f"part-{i}.safetensors").rename(directory / name)
     weight_map = {key: names[i] for key, i in shard_of.items()}
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    written(directory / INDEX_NAME, lambda path: path.write_text(json.dumps(index, indent=2) + "\n"))
     return weight_map
+
+
+def _open_shard(path: Path) -> Any:
+    """A safetensors file opened lazily; an empty, truncated or foreign file is named."""
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or empty? ({err})") from None
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    written(path, lambda target: save_file(tensors, str(target), metadata={"format": "pt"}))
 
 
 def copy_assets(source: Path, target: Path) -> None:
@@ -113,4 +134,4 @@ def copy_assets(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(path, target / path.name)
+            written(target / path.name, lambda out, source=path: shutil.copy2(source, out))

@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from muon_ds.convert.hf_files import HFReader, copy_assets
-from muon_ds.convert.layout import Parallelism, hf_shapes, rank_entries, shard
+from muon_ds.convert.layout import Parallelism, hf_shapes, mtp_weights, rank_entries, shard
 from muon_ds.convert.megatron_files import ASSETS_DIR, rank_file, write_layout
-from muon_ds.convert.output import peak_rss_gib, refuse_existing, staged_output
+from muon_ds.convert.output import peak_rss_gib, refuse_existing, staged_output, written
 from muon_ds.models.config import architecture_from_hf, load_hf_config
 
 __all__ = ["ConversionReport", "hf_to_megatron"]
@@ -41,11 +41,16 @@ def hf_to_megatron(
     architecture_from_hf(hf)  # every config field must map
     par.check(hf)
     reader = HFReader(hf_dir)
+    mtp = mtp_weights(hf, reader.weight_map)
+    if mtp:
+        raise ValueError(f"{hf_dir} holds multi-token prediction weights ({len(mtp)} tensors, e.g. {mtp[0]!r}; "
+                         f"num_nextn_predict_layers={hf.get('num_nextn_predict_layers')}): MTP layers are not "
+                         "converted")
     reader.check(hf_shapes(hf))
 
     ranks = par.ranks()
     total = sum(len(rank_entries(hf, par, p, e)) for _, p, e in ranks)
-    written = 0
+    tensors_written = 0
     with staged_output(out_dir) as partial, tqdm(
         total=total, desc="hf-to-megatron", unit="tensor", disable=not progress
     ) as bar:
@@ -61,7 +66,8 @@ def hf_to_megatron(
                 bar.update()
             path = rank_file(partial, par, tp_rank, pp_rank, ep_rank)
             path.parent.mkdir(parents=True)
-            torch.save({"model": state, "checkpoint_version": 3.0, "iteration": 0}, path)
-            written += sum(torch.is_tensor(t) for t in state.values())
+            written(path, lambda target: torch.save({"model": state, "checkpoint_version": 3.0, "iteration": 0},
+                                                    target))
+            tensors_written += sum(torch.is_tensor(t) for t in state.values())
             del state
-    return ConversionReport(out_dir, len(ranks), written, peak_rss_gib())
+    return ConversionReport(out_dir, len(ranks), tensors_written, peak_rss_gib())

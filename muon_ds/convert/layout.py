@@ -9,15 +9,16 @@ Both conversion directions and the shape checks use this one table.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from muon_ds.glu_layout import shard_glu, unshard_glu
 from muon_ds.models.config import moe_layer_pattern
 
-__all__ = ["Parallelism", "Entry", "hf_shapes", "rank_entries", "shard", "unshard", "stage_layers"]
+__all__ = ["Parallelism", "Entry", "hf_shapes", "mtp_weights", "rank_entries", "shard", "unshard", "stage_layers"]
 
 # How a Megatron tensor is cut from its HF tensor(s) over the tensor-parallel ranks.
 REPLICATED, COLUMN, ROW, GLU = "replicated", "column", "row", "glu"
@@ -216,6 +217,13 @@ def hf_shapes(hf: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes["model.norm.weight"] = (H,)
     shapes["lm_head.weight"] = (V, H)
     return shapes
+
+
+def mtp_weights(hf: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """The multi-token prediction tensors among ``keys``: DeepSeek-V3 stores its MTP modules as decoder
+    layers numbered from ``num_hidden_layers`` on."""
+    layer = re.compile(r"^model\.layers\.(\d+)\.")
+    return sorted(k for k in keys if (m := layer.match(k)) and int(m.group(1)) >= hf["num_hidden_layers"])
 
 
 def shard(tensors: list[torch.Tensor], split: str, tp: int, tp_rank: int) -> torch.Tensor:

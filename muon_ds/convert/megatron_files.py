@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from muon_ds.convert.layout import Parallelism
+from muon_ds.convert.output import written
+from muon_ds.models.config import read_json
 
 __all__ = [
     "ASSETS_DIR",
@@ -53,8 +55,8 @@ def rank_file(directory: Path, par: Parallelism, tp_rank: int, pp_rank: int, ep_
 def write_layout(directory: Path, par: Parallelism, hf_config: dict[str, Any]) -> None:
     """Record how the checkpoint is split and which HF config it came from; mark it as a release."""
     layout = {"parallelism": dataclasses.asdict(par), "hf_config": hf_config}
-    (directory / LAYOUT_FILE).write_text(json.dumps(layout, indent=2) + "\n")
-    (directory / ITERATION_FILE).write_text("release\n")
+    written(directory / LAYOUT_FILE, lambda path: path.write_text(json.dumps(layout, indent=2) + "\n"))
+    written(directory / ITERATION_FILE, lambda path: path.write_text("release\n"))
 
 
 def read_layout(directory: Path) -> tuple[Parallelism, dict[str, Any]]:
@@ -62,8 +64,11 @@ def read_layout(directory: Path) -> tuple[Parallelism, dict[str, Any]]:
     path = directory / LAYOUT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: was {directory} written by `muon-ds convert hf-to-megatron`?")
-    layout = json.loads(path.read_text())
-    return Parallelism(**layout["parallelism"]), layout["hf_config"]
+    layout = read_json(path)
+    try:
+        return Parallelism(**layout["parallelism"]), dict(layout["hf_config"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a muon-ds layout (needs 'parallelism' sizes and 'hf_config'): {err}") from None
 
 
 def load_rank_model(path: Path) -> dict[str, Any]:

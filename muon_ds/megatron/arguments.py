@@ -71,11 +71,19 @@ def explicit_flags(argv: Optional[Sequence[str]] = None) -> set[str]:
 
 
 def apply_moonlight_defaults(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Replace Megatron's Muon defaults by Moonlight's where the user gave no flag; validate; log once."""
+    """Replace Megatron's Muon defaults by Moonlight's where the user gave no flag; validate; log once.
+
+    With the distributed optimizer, checkpoints are also marked fully reshardable (``--dist-ckpt-optim-fully-
+    reshardable``), which muon_ds's model-space optimizer state always is.
+    """
     given = explicit_flags(argv)
     for attribute, (value, flags) in MOONLIGHT_DEFAULTS.items():
         if not given.intersection(flags):
             setattr(args, attribute, value)
+    if getattr(args, "use_distributed_optimizer", False) and getattr(args, "non_persistent_ckpt_type", None) != "local":
+        # muon_ds's distributed optimizer saves its state in model space whatever the sharding type asked for
+        # (muon_ds.megatron.checkpoint): record it as what it is, so that Megatron-LM resumes at another TP/PP
+        args.dist_ckpt_optim_fully_reshardable = True
     settings = MuonSettings.from_config(args)
     if getattr(args, "rank", 0) == 0:
         print(f"muon_ds: effective Muon settings: {settings.describe()}", flush=True)

@@ -45,8 +45,28 @@ class MoonlightArchitecture:
 Handler = Callable[[Any, dict[str, Any]], dict[str, Any]]
 
 
-def _to(name: str) -> Handler:
-    return lambda value, _cfg: {name: value}
+def _number(key: str, kind: type, name: str | None = None, minimum: float = 0) -> Handler:
+    """A field that must be a number (``int`` or ``float``) >= ``minimum``, mapped to ``name`` if given."""
+
+    def handler(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or (kind is int and value != int(value)) or value < minimum:
+            what = "an integer" if kind is int else "a number"
+            raise UnmappableConfigError(key, value, f"must be {what} >= {minimum:g}")
+        return {name: kind(value)} if name else {}
+
+    return handler
+
+
+def _derived(key: str, value_from: Callable[[dict[str, Any]], int], formula: str) -> Handler:
+    """A field transformers writes but derives from others (``head_dim``, ``qk_head_dim``): must agree."""
+
+    def handler(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+        if value != value_from(cfg):
+            raise UnmappableConfigError(key, value, f"must equal {formula} = {value_from(cfg)!r}")
+        return {}
+
+    return handler
 
 
 def _metadata(_value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +97,9 @@ def _hidden_act(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
     return {"gated_linear_unit": True, "activation_func": F.silu, "bias_activation_fusion": False}
 
 
-def _rope_theta(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"rope_type": "rope", "rotary_base": float(value), "rotary_scaling_factor": 1.0}
+def _rope_theta(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"rope_type": "rope", **_number("rope_theta", float, "rotary_base", 1)(value, cfg),
+            "rotary_scaling_factor": 1.0}
 
 
 def _rope_parameters(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
@@ -104,14 +125,15 @@ def _num_key_value_heads(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _q_lora_rank(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"q_lora_rank": None if value is None else int(value)}
+def _q_lora_rank(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"q_lora_rank": None} if value is None else _number("q_lora_rank", int, "q_lora_rank", 1)(value, cfg)
 
 
 def _n_shared_experts(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
-    if not value:
+    if value is None:
         return {}
-    return {"moe_shared_expert_intermediate_size": int(value) * int(cfg["moe_intermediate_size"])}
+    _number("n_shared_experts", int)(value, cfg)
+    return {"moe_shared_expert_intermediate_size": value * cfg["moe_intermediate_size"]} if value else {}
 
 
 def _norm_topk_prob(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +157,12 @@ def _topk_method(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _n_group(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
-    if value in (None, 1):
+    if value is None:
         return {}
+    _number("n_group", int, minimum=1)(value, cfg)
+    if value == 1:
+        return {}
+    _number("topk_group", int, minimum=1)(cfg.get("topk_group"), cfg)
     # HF scores a group by its best two experts; Megatron by its best top_k / topk_group experts.
     if cfg["num_experts_per_tok"] // cfg["topk_group"] != 2:
         raise UnmappableConfigError("n_group", value, "Megatron scores groups by top_k/topk_group experts, HF by 2")
@@ -144,6 +170,8 @@ def _n_group(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _topk_group(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    if value is not None:
+        _number("topk_group", int, minimum=1)(value, cfg)
     if cfg.get("n_group") in (None, 1) and value not in (None, 1):
         raise UnmappableConfigError("topk_group", value, "needs n_group > 1")
     return {}  # mapped together with n_group
@@ -153,16 +181,8 @@ def _seq_aux(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
     return {"moe_router_load_balancing_type": "seq_aux_loss" if value else "aux_loss"}
 
 
-def _num_nextn_predict_layers(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
-    if value:
-        raise UnmappableConfigError(
-            "num_nextn_predict_layers", value, "multi-token prediction layers are not converted"
-        )
-    return {}
-
-
-def _first_k_dense_replace(_value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
-    return {}  # mapped in moe_layer_pattern
+def _first_k_dense_replace(value: Any, cfg: dict[str, Any]) -> dict[str, Any]:
+    return _number("first_k_dense_replace", int)(value, cfg)  # mapped in moe_layer_pattern
 
 
 def _dtype(value: Any, _cfg: dict[str, Any]) -> dict[str, Any]:
@@ -175,35 +195,40 @@ _HANDLERS: dict[str, Handler] = {
     "architectures": _architectures,
     "model_type": _require("model_type", lambda v: v == "deepseek_v3", "expected 'deepseek_v3'"),
     "attention_bias": _require("attention_bias", lambda v: not v, "biased attention projections are not supported"),
-    "attention_dropout": _to("attention_dropout"),
+    "attention_dropout": _number("attention_dropout", float, "attention_dropout"),
     "hidden_act": _hidden_act,
-    "hidden_size": _to("hidden_size"),
-    "intermediate_size": _to("ffn_hidden_size"),
-    "moe_intermediate_size": _to("moe_ffn_hidden_size"),
-    "num_hidden_layers": _to("num_layers"),
-    "num_attention_heads": _to("num_attention_heads"),
+    "hidden_size": _number("hidden_size", int, "hidden_size", 1),
+    "intermediate_size": _number("intermediate_size", int, "ffn_hidden_size", 1),
+    "moe_intermediate_size": _number("moe_intermediate_size", int, "moe_ffn_hidden_size", 1),
+    "num_hidden_layers": _number("num_hidden_layers", int, "num_layers", 1),
+    "num_attention_heads": _number("num_attention_heads", int, "num_attention_heads", 1),
     "num_key_value_heads": _num_key_value_heads,
     "q_lora_rank": _q_lora_rank,
-    "kv_lora_rank": _to("kv_lora_rank"),
-    "qk_nope_head_dim": _to("qk_head_dim"),
-    "qk_rope_head_dim": _to("qk_pos_emb_head_dim"),
-    "v_head_dim": _to("v_head_dim"),
-    "rms_norm_eps": lambda v, _c: {"layernorm_epsilon": float(v), "normalization": "RMSNorm"},
+    "kv_lora_rank": _number("kv_lora_rank", int, "kv_lora_rank", 1),
+    "qk_nope_head_dim": _number("qk_nope_head_dim", int, "qk_head_dim", 1),
+    "qk_rope_head_dim": _number("qk_rope_head_dim", int, "qk_pos_emb_head_dim", 1),
+    "v_head_dim": _number("v_head_dim", int, "v_head_dim", 1),
+    # written by transformers 5 from the two above
+    "head_dim": _derived("head_dim", lambda c: c["qk_rope_head_dim"], "qk_rope_head_dim"),
+    "qk_head_dim": _derived("qk_head_dim", lambda c: c["qk_nope_head_dim"] + c["qk_rope_head_dim"],
+                            "qk_nope_head_dim + qk_rope_head_dim"),
+    "rms_norm_eps": lambda v, c: {**_number("rms_norm_eps", float, "layernorm_epsilon")(v, c),
+                                  "normalization": "RMSNorm"},
     "rope_theta": _rope_theta,
     "rope_parameters": _rope_parameters,
     "rope_scaling": _rope_scaling,
     "rope_interleave": _require("rope_interleave", lambda v: v in (None, True), "Megatron's MLA RoPE is interleaved"),
-    "initializer_range": _to("init_method_std"),
-    "n_routed_experts": _to("num_moe_experts"),
-    "num_experts_per_tok": _to("moe_router_topk"),
+    "initializer_range": _number("initializer_range", float, "init_method_std"),
+    "n_routed_experts": _number("n_routed_experts", int, "num_moe_experts", 1),
+    "num_experts_per_tok": _number("num_experts_per_tok", int, "moe_router_topk", 1),
     "n_shared_experts": _n_shared_experts,
-    "routed_scaling_factor": _to("moe_router_topk_scaling_factor"),
+    "routed_scaling_factor": _number("routed_scaling_factor", float, "moe_router_topk_scaling_factor"),
     "scoring_func": _scoring_func,
     "topk_method": _topk_method,
     "norm_topk_prob": _norm_topk_prob,
     "n_group": _n_group,
     "topk_group": _topk_group,
-    "aux_loss_alpha": _to("moe_aux_loss_coeff"),
+    "aux_loss_alpha": _number("aux_loss_alpha", float, "moe_aux_loss_coeff"),
     "seq_aux": _seq_aux,
     "first_k_dense_replace": _first_k_dense_replace,
     "moe_layer_freq": _require(
@@ -211,15 +236,16 @@ _HANDLERS: dict[str, Handler] = {
         lambda v: v in (None, 1),
         "transformers' DeepseekV3 makes every layer after the dense ones MoE",
     ),
-    "num_nextn_predict_layers": _num_nextn_predict_layers,
+    # transformers writes 1 by default; the converter refuses MTP only where a checkpoint holds its weights
+    "num_nextn_predict_layers": _number("num_nextn_predict_layers", int),
     "tie_word_embeddings": _require(
         "tie_word_embeddings", lambda v: not v, "Moonlight has an untied output head; tied heads are not converted"
     ),
     "pretraining_tp": _require("pretraining_tp", lambda v: v in (None, 1), "sliced pretraining_tp matmuls"),
     "torch_dtype": _dtype,
     "dtype": _dtype,
-    "vocab_size": _metadata,  # GPTModel argument
-    "max_position_embeddings": _metadata,  # GPTModel argument
+    "vocab_size": _number("vocab_size", int, minimum=1),  # GPTModel argument
+    "max_position_embeddings": _number("max_position_embeddings", int, minimum=1),  # GPTModel argument
     "ep_size": _metadata,  # inference-time parallelism of the original remote code
     "auto_map": _metadata,
     "bos_token_id": _metadata,
@@ -248,6 +274,17 @@ _REQUIRED = (
 )
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
 def load_hf_config(path: str | Path) -> dict[str, Any]:
     """Read ``config.json`` from an HF model directory (or the file itself)."""
     path = Path(path)
@@ -255,7 +292,7 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"HF config not found: {path}")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def moe_layer_pattern(hf: dict[str, Any]) -> list[int]:
@@ -284,8 +321,8 @@ def architecture_from_hf(hf: dict[str, Any]) -> MoonlightArchitecture:
         "moe_token_dispatcher_type": "alltoall",
         "moe_grouped_gemm": False,
     }
-    for key, value in hf.items():
-        kwargs.update(_HANDLERS[key](value, hf))
+    for key in sorted(hf, key=lambda k: k not in _REQUIRED):  # sizes first: other fields are checked against them
+        kwargs.update(_HANDLERS[key](hf[key], hf))
     pattern = moe_layer_pattern(hf)
     kwargs["moe_layer_freq"] = pattern
     return MoonlightArchitecture(
