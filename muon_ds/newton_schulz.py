@@ -1,7 +1,7 @@
 """Quintic Newton-Schulz orthogonalization, batched over same-shape matrices.
 
 The default is Moonlight's iteration, the same coefficients every step. ``polar_express`` uses the
-per-step coefficients of Polar Express (Amsel et al., arXiv 2505.16932, 5 steps, safety factor 1.01):
+per-step coefficients of Polar Express (Amsel et al., arXiv 2505.16932, with its safety factor 1.01):
 the same FLOPs, singular values much closer to 1 after 5 steps (see tests/test_newton_schulz.py).
 """
 
@@ -12,14 +12,22 @@ import torch
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
 NORM_CHUNK = 1 << 20  # elements per norm reduction
-POLAR_EXPRESS = (  # (a, b, c) of steps 1..5; further steps repeat the last
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+POLAR_EXPRESS_SAFETY = 1.01  # the paper's safety factor: rounding must not push a singular value past 1
+# Polar Express's published degree-5 polynomials (a, b, c) of steps 1..8 (Amsel et al., Algorithm 1); later
+# steps repeat the last. Each but the last is shrunk by the safety factor (a / s, b / s^3, c / s^5), as the
+# paper does, and the input is scaled to norm 1 / s.
+_POLAR_EXPRESS_PUBLISHED = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
 )
-POLAR_EXPRESS_SAFETY = 1.01  # the input is scaled to norm 1/1.01 so that rounding cannot push sigma above 1
+POLAR_EXPRESS = tuple((a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+                      for a, b, c in _POLAR_EXPRESS_PUBLISHED[:-1]) + _POLAR_EXPRESS_PUBLISHED[-1:]
 COEFFICIENT_SETS = ("moonlight", "polar_express")
 NS_METHODS = ("direct", "gram")
 
