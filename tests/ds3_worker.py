@@ -20,10 +20,9 @@ from muon_ds.deepspeed import layouts
 from muon_ds.newton_schulz import ns_flops
 from muon_ds.optim import Muon
 from muon_ds.partition import GroupLayout, per_parameter_layouts
-from muon_ds.plan import Holding, Matrix, Piece, make_plan
 from tests.distributed import REPO
 from tests.ds_scenarios import GLOBAL_BATCH, OPTIONS, STEPS, ds_config, make_model
-from tests.ds_worker import TinyMoE, _error_of, all_ranks, train
+from tests.ds_worker import TinyMoE, _error_of, all_ranks, fragmented, train
 
 SCENARIOS: dict[str, Callable[[Path], Any]] = {}
 
@@ -72,18 +71,8 @@ def trained(config: dict[str, Any], zero_init: bool = False) -> dict[str, Any]:
 def fragments_separately(sub_groups: Any, rank: int, world_size: int, ns_steps: int,
                          process_group: Any = None) -> list[GroupLayout]:
     """The positive control: each rank orthogonalizes its own pieces as if they were whole matrices."""
-    fragmented = []
-    for real in per_parameter_layouts(sub_groups, rank, world_size, ns_steps, process_group):
-        local, matrices = [], []
-        for piece, offset in real.local[0]:
-            cols = real.plan.matrices[piece.key].shape[1]
-            shape = (piece.numel // cols, cols) if piece.numel % cols == 0 else (1, piece.numel)
-            fragment = Piece(f"{piece.key}@{piece.start}", piece.block.whole(shape), 0, piece.numel)
-            local.append((fragment, offset))
-            matrices.append(Matrix(fragment.key, shape))
-        holdings = [Holding(0, piece) for piece, _ in local]
-        fragmented.append(GroupLayout([local], make_plan(matrices, holdings, 1, ns_steps)))
-    return fragmented
+    return [fragmented(real, ns_steps)
+            for real in per_parameter_layouts(sub_groups, rank, world_size, ns_steps, process_group)]
 
 
 def control(out: Path) -> dict[str, Any]:

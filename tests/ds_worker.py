@@ -73,10 +73,9 @@ def trained(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     return weights(engine)
 
 
-def fragments_separately(spans: Any, partition_size: int, rank: int, world_size: int, ns_steps: int,
-                         process_group: Any = None) -> GroupLayout:
-    """The positive control: each rank orthogonalizes its own fragments as if they were whole matrices."""
-    real = partitioned_layout(spans, partition_size, rank, world_size, ns_steps, process_group)
+def fragmented(real: GroupLayout, ns_steps: int) -> GroupLayout:
+    """The positive control's layout: this rank's pieces of ``real`` orthogonalized as if each were a whole
+    matrix, with no exchange."""
     local, matrices, holdings = [], [], []
     for piece, offset in real.local[0]:
         cols = real.plan.matrices[piece.key].shape[1]
@@ -86,6 +85,12 @@ def fragments_separately(spans: Any, partition_size: int, rank: int, world_size:
         matrices.append(Matrix(fragment.key, shape))
         holdings.append(Holding(0, fragment))
     return GroupLayout([local], make_plan(matrices, holdings, 1, ns_steps))
+
+
+def fragments_separately(spans: Any, partition_size: int, rank: int, world_size: int, ns_steps: int,
+                         process_group: Any = None) -> GroupLayout:
+    """The positive control: each rank orthogonalizes its own fragments as if they were whole matrices."""
+    return fragmented(partitioned_layout(spans, partition_size, rank, world_size, ns_steps, process_group), ns_steps)
 
 
 def control(out: Path) -> dict[str, torch.Tensor]:
