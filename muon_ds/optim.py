@@ -199,7 +199,7 @@ class Muon(torch.optim.Optimizer):
             # Distributed, a tensor without a gradient still joins the exchange, with zeros.
             grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
             momenta.append(self.state[p]["momentum_buffer"])
-        route = layout.route(skip, dtype, device)
+        route = layout.route(skip, dtype, device, tuple(p.shape for p in tensors))
         shapes = {}
 
         def scale(shape: tuple[int, int]) -> float:
