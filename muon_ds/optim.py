@@ -122,13 +122,12 @@ class Muon(torch.optim.Optimizer):
         """A model parameter with requires_grad=False and no gradient never changes (the same on every
         rank; a gradient set by hand still trains it, as in torch). Tensors an engine put in its place
         (ZeRO's flat partitions, Megatron's shards) hold trainable parameters only."""
-        return tensor in self.param_names and not tensor.requires_grad and tensor.grad is None
+        return not tensor.requires_grad and tensor.grad is None and tensor in self.param_names
 
     def _grads_finite(self) -> bool:
         """All gradients finite, agreed across ranks when distributed (else every rank skips)."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
-        # The largest |g| of each tensor (one foreach): inf or NaN where any entry is.
-        finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all() if grads else torch.tensor(True)
+        finite = _all_finite(grads)
         if self.distributed and dist.is_initialized():
             # On the gradients' device (or the layout's, for a rank holding none): NCCL needs GPU tensors.
             device = grads[0].device if grads else next(
@@ -193,12 +192,13 @@ class Muon(torch.optim.Optimizer):
                 grads.append(None)
                 momenta.append(None)
                 continue
-            if not self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
             params.append(p)
             # Distributed, a tensor without a gradient still joins the exchange, with zeros.
             grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
-            momenta.append(self.state[p]["momentum_buffer"])
+            momenta.append(state["momentum_buffer"])
         route = layout.route(skip, dtype, device, tuple(p.shape for p in tensors))
         shapes = {}
 
@@ -268,6 +268,16 @@ def _sides(groups: list[dict[str, Any]]) -> list[str]:
 def _plain(value: Any) -> Any:
     """Tuples come back from a checkpoint as lists: compare and print them alike."""
     return list(value) if isinstance(value, tuple) else value
+
+
+def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Every entry of ``grads`` finite, as a 0-d bool tensor (no host sync).
+
+    The 2-norm of each tensor accumulated in float64 (one vectorized foreach, several times faster than
+    the largest |g|) is inf or NaN exactly where some entry is: float32 squares cannot overflow it."""
+    if not grads:
+        return torch.tensor(True)
+    return torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)).isfinite().all()
 
 
 def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight",
