@@ -2,7 +2,9 @@
 
 momentum (foreach) -> Nesterov written straight into NS-dtype buffers (send buffer, batch buffers) ->
 gather of cut matrices, in flight while the batches that need nothing from peers are orthogonalized and
-applied -> the received batches -> scatter of results -> apply the received results. Single process,
+applied -> the received batches -> scatter of results, started as soon as the batches whose results other
+ranks hold are done (those come first), in flight while the rest are orthogonalized -> apply the
+received results. Single process,
 replicated and partitioned layouts differ only in their routes. Weight decay is one foreach over the
 group's tensors, the update one foreach per batch.
 """
@@ -96,7 +98,10 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
     if hyper.weight_decay and decayed:  # a rank may hold none of the group's tensors
         torch._foreach_mul_(decayed, 1.0 - hyper.lr * hyper.weight_decay)
     give = torch.empty(sum(route.scatter.send_sizes), dtype=dtype, device=device)
-    for batch in route.batches:
+    results, scattering = None, None
+    for number, batch in enumerate(route.batches):
+        if number == route.giving:  # every result other ranks hold is in ``give`` now
+            results, scattering = _start(route.scatter, give, dtype, device, group)
         if batch.waits and gathering is not None:
             gathering.wait()
             gathering = None
@@ -108,7 +113,8 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
         _give(result, batch.give, give)
     if gathering is not None:
         gathering.wait()
-    results, scattering = _start(route.scatter, give, dtype, device, group)
+    if results is None:
+        results, scattering = _start(route.scatter, give, dtype, device, group)
     if scattering is not None:
         scattering.wait()
     for shape, runs in route.get.items():

@@ -83,7 +83,11 @@ class Exchange:
 
 @dataclass
 class Route:
+    """``batches``: those whose results other ranks hold come first (their ``giving`` count), so that the
+    scatter travels while the rest are orthogonalized; within each part, local ones before waiting ones."""
+
     batches: list[Batch]
+    giving: int
     send: list[tuple[int, int, int, int]]  # local pieces for other owners: (tensor, offset, send offset, numel)
     gather: Exchange
     scatter: Exchange
@@ -152,7 +156,9 @@ def build_route(local: list[list[tuple[Piece, int]]], plan: ExchangePlan, rank: 
     for offset, t in arriving_results:
         span = where[t.piece]
         get[plan.matrices[t.piece.key].shape].append((span.tensor, span.offset, offset, span.numel))
-    return Route(batches, _merged(send), Exchange(*gather_sizes, bool(gathers)),
+    batches.sort(key=lambda batch: not (batch.give.runs or batch.give.blocks))  # stable
+    giving = sum(bool(batch.give.runs or batch.give.blocks) for batch in batches)
+    return Route(batches, giving, _merged(send), Exchange(*gather_sizes, bool(gathers)),
                  Exchange(*scatter_sizes, bool(scatters)), {shape: _merged(runs) for shape, runs in get.items()})
 
 
