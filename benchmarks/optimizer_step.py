@@ -1,7 +1,7 @@
 """How close the Muon step is to its unavoidable work: Newton-Schulz plus one pass of elementwise updates.
 
 For a host-bound model (thousands of small matrices) and an NS-bound one (a few large ones), single
-process and 2 ranks (gloo, a ZeRO-1-like flat partition cut through the matrices), it prints:
+process and 2 ranks (gloo, a ZeRO-1-like flat partition: the boundary cuts a matrix), it prints:
 the step time; the NS time of the same matrices (each rank's owned ones) batched by shape; the time of the
 ideal foreach elementwise work (momentum, Nesterov, weight decay, update on the rank's tensors); the
 ratio step / (NS + elementwise) (target <= 1.15); and the peak temporary memory of a step over the bf16
@@ -31,6 +31,9 @@ MODELS = {  # name: (count, rows, cols) per shape
     "ns": [(2, 512, 1536), (2, 1536, 512)],
 }
 LR, WD, MOMENTUM = 0.02, 0.1, 0.95
+# Elements before the first matrix in the flat buffer (a ZeRO buffer's norms and biases): without them
+# both models' matrices would split evenly at W=2 and no matrix would be cut, nothing exchanged.
+LEADING = 1000
 
 
 def device() -> torch.device:
@@ -97,10 +100,10 @@ def build(model: str, ns_dtype: str, rank: int, world: int):
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen).to(device())
         return opt, params, [(p.shape, 1) for p in params], sum(p.numel() for p in params)
-    total = sum(p.numel() for p in params)
+    total = LEADING + sum(p.numel() for p in params)
     size = -(-total // world)
     flat = torch.zeros(size * world, device=device())
-    spans, offset = [], 0
+    spans, offset = [], LEADING
     for p in params:
         flat[offset:offset + p.numel()] = p.detach().reshape(-1)
         spans.append((opt.views[p][0], offset))

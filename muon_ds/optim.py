@@ -122,16 +122,27 @@ class Muon(torch.optim.Optimizer):
         """A model parameter with requires_grad=False and no gradient never changes (the same on every
         rank; a gradient set by hand still trains it, as in torch). Tensors an engine put in its place
         (ZeRO's flat partitions, Megatron's shards) hold trainable parameters only."""
-        return tensor in self.param_names and not tensor.requires_grad and tensor.grad is None
+        return not tensor.requires_grad and tensor.grad is None and tensor in self.param_names
 
     def _grads_finite(self) -> bool:
-        """All gradients finite, agreed across ranks when distributed (else every rank skips)."""
+        """All gradients finite, agreed across ranks when distributed (else every rank skips).
+
+        The per-tensor float32 2-norms (one foreach) are finite when every entry is; only where some rank's
+        are not (a non-finite entry, or finite entries whose squares overflow float32) the exact largest
+        |g| decides, a foreach several times slower and a second agreement: a step that trains pays one."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
-        # The largest |g| of each tensor (one foreach): inf or NaN where any entry is.
-        finite = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all() if grads else torch.tensor(True)
+        if not grads:
+            return self._agreed(torch.tensor(True))
+        if self._agreed(torch.stack(torch._foreach_norm(grads, 2.0)).isfinite().all()):
+            return True
+        return self._agreed(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+
+    def _agreed(self, finite: torch.Tensor) -> bool:
+        """``finite`` on every rank when distributed (one all_reduce), as a bool (one host sync)."""
         if self.distributed and dist.is_initialized():
             # On the gradients' device (or the layout's, for a rank holding none): NCCL needs GPU tensors.
-            device = grads[0].device if grads else next(
+            grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+            device = grad.device if grad is not None else next(
                 (layout.device for layout in self.layouts.values() if layout.device is not None), finite.device)
             flag = finite.to(device, torch.float32)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.sync_group)
@@ -193,13 +204,14 @@ class Muon(torch.optim.Optimizer):
                 grads.append(None)
                 momenta.append(None)
                 continue
-            if not self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
             params.append(p)
             # Distributed, a tensor without a gradient still joins the exchange, with zeros.
             grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
-            momenta.append(self.state[p]["momentum_buffer"])
-        route = layout.route(skip, dtype, device)
+            momenta.append(state["momentum_buffer"])
+        route = layout.route(skip, dtype, device, tuple(p.shape for p in tensors))
         shapes = {}
 
         def scale(shape: tuple[int, int]) -> float:

@@ -33,9 +33,12 @@ class GroupLayout:
     device: Optional[torch.device] = None  # for the exchange when this rank holds none of the group's tensors
     routes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def route(self, skip: frozenset[str], dtype: torch.dtype, device: torch.device) -> Route:
-        """The step's index arithmetic, computed once per set of left-out (frozen) matrices."""
-        return cached_route(self.routes, self.local, self.plan, self.rank, skip, dtype.itemsize, device.type)
+    def route(self, skip: frozenset[str], dtype: torch.dtype, device: torch.device,
+              shapes: tuple[tuple[int, ...], ...] = ()) -> Route:
+        """The step's index arithmetic, computed once per set of left-out (frozen) matrices; ``shapes``
+        (the group tensors', where known) lets tensors that are exactly a matrix go without views."""
+        return cached_route(self.routes, self.local, self.plan, self.rank, skip, dtype.itemsize, device.type,
+                            shapes)
 
 
 def replicated_layout(tensor_views: Sequence[Views], rank: int, world_size: int, ns_steps: int,

@@ -2,7 +2,9 @@
 
 momentum (foreach) -> Nesterov written straight into NS-dtype buffers (send buffer, batch buffers) ->
 gather of cut matrices, in flight while the batches that need nothing from peers are orthogonalized and
-applied -> the received batches -> scatter of results -> apply the received results. Single process,
+applied -> the received batches -> scatter of results, started as soon as the batches whose results other
+ranks hold are done (those come first), in flight while the rest are orthogonalized -> apply the
+received results. Single process,
 replicated and partitioned layouts differ only in their routes. Weight decay is one foreach over the
 group's tensors, the update one foreach per batch.
 """
@@ -16,10 +18,9 @@ import torch
 import torch.distributed as dist
 
 from muon_ds.plan import Piece
-from muon_ds.route import Batch, Exchange, Route, Span
+from muon_ds.route import Batch, Exchange, Moves, Route
 
 FILL_CHUNK = 64  # small matrices whose float32 Nesterov temporaries exist at once (one foreach per chunk)
-LARGE_MATRIX = 1 << 16  # elements from which a kernel per matrix costs less than a temporary
 Orthogonalize = Callable[[torch.Tensor], torch.Tensor]  # in place on an (N, A, B) NS-dtype batch
 
 
@@ -85,100 +86,113 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
         hyper: Hyper, orthogonalize_: Orthogonalize, dtype: torch.dtype, device: torch.device,
         group: Optional[dist.ProcessGroup]) -> None:
     """One Muon step of a group. ``params[t]`` etc. are the group's tensors (None where left out)."""
-    flat, g_flat, m_flat = _Flat(params), _Flat(grads), _Flat(momenta)
+    flat, g_flat, m_flat = _Flat(params, True), _Flat(grads, False), _Flat(momenta, True)
     momentum_([m for m in momenta if m is not None], [g for g in grads if g is not None], hyper.momentum)
-
-    def source(span: Span, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = span.offset + lo
-        return g_flat[span.tensor][start:span.offset + hi], m_flat[span.tensor][start:span.offset + hi]
-
-    def whole(span: Span, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g, m) of a whole matrix; a tensor that is exactly one matrix needs no slicing."""
-        if span.offset == 0 and span.numel == grads[span.tensor].numel():
-            return grads[span.tensor].reshape(shape), momenta[span.tensor].view(shape)
-        return tuple(t.view(shape) for t in source(span, 0, span.numel))
-
     send = torch.empty(sum(route.gather.send_sizes), dtype=dtype, device=device)
-    offset = 0
-    for span in route.send:
-        direction_into(send[offset:offset + span.numel], *source(span, 0, span.numel), hyper)
-        offset += span.numel
+    for tensor, offset, at, numel in route.send:
+        direction_into(send[at:at + numel], g_flat[tensor][offset:offset + numel],
+                       m_flat[tensor][offset:offset + numel], hyper)
     received, gathering = _start(route.gather, send, dtype, device, group)
     del send
     decayed = [p for p in params if p is not None]
     if hyper.weight_decay and decayed:  # a rank may hold none of the group's tensors
         torch._foreach_mul_(decayed, 1.0 - hyper.lr * hyper.weight_decay)
     give = torch.empty(sum(route.scatter.send_sizes), dtype=dtype, device=device)
-    for batch in route.batches:
+    results, scattering = None, None
+    for number, batch in enumerate(route.batches):
+        if number == route.giving:  # every result other ranks hold is in ``give`` now
+            results, scattering = _start(route.scatter, give, dtype, device, group)
         if batch.waits and gathering is not None:
             gathering.wait()
             gathering = None
-        result = _orthogonalized(batch, received, source, whole, hyper, orthogonalize_, dtype, device)
-        _apply(batch, result, flat, hyper)
-        for index, piece, at in batch.give:
-            for view, lo, hi in piece_views(result[index], piece):
-                give[at + lo:at + hi].view(view.shape).copy_(view)
+        buffer = torch.empty(len(batch.keys), *batch.shape, dtype=dtype, device=device)
+        _fill(buffer, batch.local, grads, momenta, g_flat, m_flat, hyper)
+        _receive(buffer, batch.receive, received)
+        result = orthogonalize_(buffer)
+        _apply(result, batch.local, params, flat, -hyper.lr * hyper.scale(batch.shape))
+        _give(result, batch.give, give)
     if gathering is not None:
         gathering.wait()
-    results, scattering = _start(route.scatter, give, dtype, device, group)
+    if results is None:
+        results, scattering = _start(route.scatter, give, dtype, device, group)
     if scattering is not None:
         scattering.wait()
-    for at, span, shape in route.get:
-        flat[span.tensor][span.offset:span.offset + span.numel].add_(results[at:at + span.numel],
-                                                                      alpha=-hyper.lr * hyper.scale(shape))
+    for shape, runs in route.get.items():
+        torch._foreach_add_([flat[t][offset:offset + numel] for t, offset, _at, numel in runs],
+                            [results[at:at + numel] for _t, _offset, at, numel in runs],
+                            alpha=-hyper.lr * hyper.scale(shape))
 
 
 class _Flat:
-    """The group's tensors flattened, each on first use (a step touching whole tensors needs none)."""
+    """The group's tensors flattened, each on first use (a step touching whole tensors needs none).
+    Tensors written to must be views (``writable``); gradients may be copied."""
 
-    def __init__(self, tensors: list[Optional[torch.Tensor]]) -> None:
+    def __init__(self, tensors: list[Optional[torch.Tensor]], writable: bool) -> None:
         self.tensors = tensors
+        self.writable = writable
         self.flat: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if index not in self.flat:
-            self.flat[index] = self.tensors[index].reshape(-1)
+            tensor = self.tensors[index]
+            self.flat[index] = tensor.view(-1) if self.writable else tensor.reshape(-1)
         return self.flat[index]
 
 
-def _orthogonalized(batch: Batch, received: torch.Tensor, source: Callable, whole: Callable, hyper: Hyper,
-                    orthogonalize_: Orthogonalize, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The batch's matrices assembled in one NS-dtype buffer, then orthogonalized."""
-    buffer = torch.empty(len(batch.keys), *batch.shape, dtype=dtype, device=device)
-    matrices = buffer.unbind(0)
-    size = batch.shape[0] * batch.shape[1]
-    wholes = []  # (matrix, g, m) of whole local matrices: filled by chunks of foreach ops
-    for index, piece, span in batch.fill:
-        if piece.numel == size:
-            if size >= LARGE_MATRIX:  # one kernel per matrix, no temporary
-                direction_into(matrices[index], *whole(span, batch.shape), hyper)
-            else:
-                wholes.append((matrices[index], *whole(span, batch.shape)))
-            continue
-        for view, lo, hi in piece_views(matrices[index], piece):
-            direction_into(view, *source(span, lo, hi), hyper)
-    for start in range(0, len(wholes), FILL_CHUNK):
-        targets, grads, momenta = zip(*wholes[start:start + FILL_CHUNK])
-        directions = torch._foreach_add(grads, momenta, alpha=hyper.momentum) if hyper.nesterov else momenta
-        torch._foreach_copy_(targets, directions)  # rounded once to the NS dtype
-    for index, piece, at in batch.receive:
-        for view, lo, hi in piece_views(matrices[index], piece):
-            view.copy_(received[at + lo:at + hi].view(view.shape))
-    return orthogonalize_(buffer)
+def _fill(buffer: torch.Tensor, moves: Moves, grads: list[torch.Tensor], momenta: list[torch.Tensor],
+          g_flat: _Flat, m_flat: _Flat, hyper: Hyper) -> None:
+    """The batch's local pieces: Nesterov directions written into the NS-dtype ``buffer``."""
+    if moves.whole:
+        matrices = buffer.unbind(0)
+        for start in range(0, len(moves.whole), FILL_CHUNK):
+            chunk = moves.whole[start:start + FILL_CHUNK]
+            targets = [matrices[i] for i, _t in chunk]
+            momentum = [momenta[t] for _i, t in chunk]
+            directions = (torch._foreach_add([grads[t] for _i, t in chunk], momentum, alpha=hyper.momentum)
+                          if hyper.nesterov else momentum)
+            torch._foreach_copy_(targets, directions)  # rounded once to the NS dtype
+    elements = buffer.view(-1)
+    for tensor, offset, at, numel in moves.runs:
+        direction_into(elements[at:at + numel], g_flat[tensor][offset:offset + numel],
+                       m_flat[tensor][offset:offset + numel], hyper)
+    for i, piece, tensor, offset in moves.blocks:
+        for view, lo, hi in piece_views(buffer[i], piece):
+            direction_into(view, g_flat[tensor][offset + lo:offset + hi], m_flat[tensor][offset + lo:offset + hi],
+                           hyper)
 
 
-def _apply(batch: Batch, result: torch.Tensor, flat: _Flat, hyper: Hyper) -> None:
-    """W <- W - lr s O for this rank's pieces of the batch, one foreach."""
-    targets, updates = [], []
-    matrices = result.unbind(0)
-    size = batch.shape[0] * batch.shape[1]
-    for index, piece, span in batch.keep:
-        if piece.numel == size and span.offset == 0 and span.numel == flat.tensors[span.tensor].numel():
-            targets.append(flat.tensors[span.tensor].view(batch.shape))  # a tensor that is exactly this matrix
-            updates.append(matrices[index])
-            continue
-        for view, lo, hi in piece_views(matrices[index], piece):
-            targets.append(flat[span.tensor][span.offset + lo:span.offset + hi].view(view.shape))
+def _receive(buffer: torch.Tensor, moves: Moves, received: torch.Tensor) -> None:
+    """Pieces from the gather's receive buffer into the (N, A, B) ``buffer``."""
+    elements = buffer.view(-1)
+    for _tensor, offset, at, numel in moves.runs:
+        elements[at:at + numel].copy_(received[offset:offset + numel])
+    for i, piece, _tensor, offset in moves.blocks:
+        for view, lo, hi in piece_views(buffer[i], piece):
+            view.copy_(received[offset + lo:offset + hi].view(view.shape))
+
+
+def _give(result: torch.Tensor, moves: Moves, give: torch.Tensor) -> None:
+    """Pieces of the (N, A, B) ``result`` other ranks hold, into the scatter's send buffer."""
+    elements = result.view(-1)
+    for _tensor, offset, at, numel in moves.runs:
+        give[offset:offset + numel].copy_(elements[at:at + numel])
+    for i, piece, _tensor, offset in moves.blocks:
+        for view, lo, hi in piece_views(result[i], piece):
+            give[offset + lo:offset + hi].view(view.shape).copy_(view)
+
+
+def _apply(result: torch.Tensor, moves: Moves, params: list[torch.Tensor], flat: _Flat, alpha: float) -> None:
+    """W <- W + alpha O for this rank's pieces of the batch, one foreach."""
+    matrices = result.unbind(0) if moves.whole else ()
+    targets = [params[t] for _i, t in moves.whole]
+    updates = [matrices[i] for i, _t in moves.whole]
+    elements = result.view(-1)
+    for tensor, offset, at, numel in moves.runs:
+        targets.append(flat[tensor][offset:offset + numel])
+        updates.append(elements[at:at + numel])
+    for i, piece, tensor, offset in moves.blocks:
+        for view, lo, hi in piece_views(result[i], piece):
+            targets.append(flat[tensor][offset + lo:offset + hi].view(view.shape))
             updates.append(view)
     if targets:
-        torch._foreach_add_(targets, updates, alpha=-hyper.lr * hyper.scale(batch.shape))
+        torch._foreach_add_(targets, updates, alpha=alpha)

@@ -33,20 +33,43 @@ class Span:
     numel: int
 
 
+# Whole matrices below this size that are exactly one tensor are filled and applied as foreach lists
+# (a kernel per matrix from C++, no Python per matrix); larger ones as one kernel each, without temporaries.
+LARGE_MATRIX = 1 << 16
+
+
+@dataclass
+class Moves:
+    """How elements move between a batch's (N, A, B) buffer and flat storage (a group tensor, or an
+    exchange buffer), computed once so that a step spends no Python per matrix on it.
+
+    ``whole``: (matrix in the batch, tensor) where the tensor is exactly that small matrix (same shape);
+    ``runs``: (tensor, flat offset there, flat offset in the batch, numel), contiguous ranges, adjacent
+    ones merged (a flat partition's consecutive matrices of one shape become one run);
+    ``blocks``: (matrix in the batch, piece, tensor, flat offset there) for pieces of sub-blocks (TP shards).
+    Exchange buffers have tensor -1.
+    """
+
+    whole: list[tuple[int, int]] = field(default_factory=list)
+    runs: list[tuple[int, int, int, int]] = field(default_factory=list)
+    blocks: list[tuple[int, Piece, int, int]] = field(default_factory=list)
+
+
 @dataclass
 class Batch:
     """Owned matrices of one shape, orthogonalized together, and where their elements come from and go.
 
-    ``waits``: some piece arrives from a peer. Each list holds (index of the matrix in the batch, piece, ...).
+    ``waits``: some piece arrives from a peer. ``local``: this rank's pieces (they fill the buffer and
+    receive the result); ``receive``: from the gather's receive buffer; ``give``: into the scatter's
+    send buffer.
     """
 
     shape: tuple[int, int]
     keys: list[str]
     waits: bool
-    fill: list[tuple[int, Piece, Span]] = field(default_factory=list)  # local pieces
-    receive: list[tuple[int, Piece, int]] = field(default_factory=list)  # (.., offset in the receive buffer)
-    keep: list[tuple[int, Piece, Span]] = field(default_factory=list)  # results for this rank's tensors
-    give: list[tuple[int, Piece, int]] = field(default_factory=list)  # (.., offset in the send buffer)
+    local: Moves = field(default_factory=Moves)
+    receive: Moves = field(default_factory=Moves)
+    give: Moves = field(default_factory=Moves)
 
 
 @dataclass
@@ -60,11 +83,16 @@ class Exchange:
 
 @dataclass
 class Route:
+    """``batches``: those whose results other ranks hold come first (their ``giving`` count), so that the
+    scatter travels while the rest are orthogonalized; within each part, local ones before waiting ones."""
+
     batches: list[Batch]
-    send: list[Span]  # local pieces for other owners, in all_to_all order
+    giving: int
+    send: list[tuple[int, int, int, int]]  # local pieces for other owners: (tensor, offset, send offset, numel)
     gather: Exchange
     scatter: Exchange
-    get: list[tuple[int, Span, tuple[int, int]]]  # received results: (offset, where, matrix shape)
+    get: dict[tuple[int, int], list[tuple[int, int, int, int]]]  # received results by matrix shape:
+    # (tensor, offset there, offset in the receive buffer, numel)
 
 
 def is_replicated(plan: ExchangePlan) -> bool:
@@ -84,9 +112,10 @@ def redundant_is_cheaper(plan: ExchangePlan, element_size: int, device_type: str
 
 
 def build_route(local: list[list[tuple[Piece, int]]], plan: ExchangePlan, rank: int, skip: frozenset[str],
-                redundant: bool) -> Route:
+                redundant: bool, shapes: tuple[tuple[int, ...], ...] = ()) -> Route:
     """The route of this rank through ``plan``, leaving out the matrices in ``skip`` (the same on every
-    rank). ``redundant`` (replicated layouts only): every rank orthogonalizes every matrix itself."""
+    rank). ``redundant`` (replicated layouts only): every rank orthogonalizes every matrix itself.
+    ``shapes``: the group tensors' shapes, where known (a tensor that is exactly a matrix needs no view)."""
     where = {piece: Span(t, offset, piece.numel) for t, pieces in enumerate(local) for piece, offset in pieces}
     gathers = [t for t in plan.gathers if t.piece.key not in skip]
     scatters = [t for t in plan.scatters if t.piece.key not in skip]
@@ -103,26 +132,63 @@ def build_route(local: list[list[tuple[Piece, int]]], plan: ExchangePlan, rank: 
     for (shape, waits), keys in sorted(grouped.items(), key=lambda item: item[0][1]):  # local batches first
         slot.update((key, (batches.__len__(), index)) for index, key in enumerate(keys))
         batches.append(Batch(shape, keys, waits))
+    moved: dict[tuple[int, str], list[tuple[int, Piece, int, int]]] = defaultdict(list)
     for key in owned:
         b, i = slot[key]
-        batches[b].fill += [(i, p, where[p]) for p in plan.pieces[key] if p in where]
-    for piece, span in where.items():
-        if piece.key in slot:
-            b, i = slot[piece.key]
-            batches[b].keep.append((i, piece, span))
+        moved[b, "local"] += [(i, p, where[p].tensor, where[p].offset) for p in plan.pieces[key] if p in where]
     gather_sizes, incoming = _sizes(gathers, rank, plan.world_size)
     for offset, t in incoming:
         b, i = slot[t.piece.key]
-        batches[b].receive.append((i, t.piece, offset))
+        moved[b, "receive"].append((i, t.piece, -1, offset))
     scatter_sizes, arriving_results = _sizes(scatters, rank, plan.world_size)
     offset = 0
     for t in _outgoing(scatters, rank):
         b, i = slot[t.piece.key]
-        batches[b].give.append((i, t.piece, offset))
+        moved[b, "give"].append((i, t.piece, -1, offset))
         offset += t.piece.numel
-    return Route(batches, [where[t.piece] for t in _outgoing(gathers, rank)],
-                 Exchange(*gather_sizes, bool(gathers)), Exchange(*scatter_sizes, bool(scatters)),
-                 [(offset, where[t.piece], plan.matrices[t.piece.key].shape) for offset, t in arriving_results])
+    for (b, kind), entries in moved.items():
+        setattr(batches[b], kind, _moves(entries, batches[b].shape, shapes))
+    send, offset = [], 0
+    for t in _outgoing(gathers, rank):
+        send.append((where[t.piece].tensor, where[t.piece].offset, offset, t.piece.numel))
+        offset += t.piece.numel
+    get: dict[tuple[int, int], list[tuple[int, int, int, int]]] = defaultdict(list)
+    for offset, t in arriving_results:
+        span = where[t.piece]
+        get[plan.matrices[t.piece.key].shape].append((span.tensor, span.offset, offset, span.numel))
+    batches.sort(key=lambda batch: not (batch.give.runs or batch.give.blocks))  # stable
+    giving = sum(bool(batch.give.runs or batch.give.blocks) for batch in batches)
+    return Route(batches, giving, _merged(send), Exchange(*gather_sizes, bool(gathers)),
+                 Exchange(*scatter_sizes, bool(scatters)), {shape: _merged(runs) for shape, runs in get.items()})
+
+
+def _moves(entries: list[tuple[int, Piece, int, int]], shape: tuple[int, int],
+           shapes: tuple[tuple[int, ...], ...]) -> Moves:
+    """Sort a batch's pieces into whole tensors, merged contiguous runs and sub-block pieces."""
+    moves, size = Moves(), shape[0] * shape[1]
+    for i, piece, tensor, offset in entries:
+        if piece.block.shape != shape:
+            moves.blocks.append((i, piece, tensor, offset))
+        elif (tensor >= 0 and size < LARGE_MATRIX and piece.numel == size and offset == 0
+              and tensor < len(shapes) and tuple(shapes[tensor]) == shape):
+            moves.whole.append((i, tensor))
+        else:
+            moves.runs.append((tensor, offset, i * size + piece.start, piece.numel))
+    moves.runs = _merged(moves.runs)
+    return moves
+
+
+def _merged(runs: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """(tensor, offset, other offset, numel) runs, those continuing each other on both sides joined."""
+    joined: list[tuple[int, int, int, int]] = []
+    for tensor, offset, other, numel in sorted(runs, key=lambda r: (r[0], r[2])):
+        if joined:
+            last_tensor, last_offset, last_other, last_numel = joined[-1]
+            if (last_tensor, last_offset + last_numel, last_other + last_numel) == (tensor, offset, other):
+                joined[-1] = (tensor, last_offset, last_other, last_numel + numel)
+                continue
+        joined.append((tensor, offset, other, numel))
+    return joined
 
 
 def _outgoing(transfers: list[Transfer], rank: int) -> list[Transfer]:
@@ -144,11 +210,12 @@ def _sizes(transfers: list[Transfer], rank: int, world_size: int
 
 
 def cached_route(cache: dict, local: list[list[tuple[Piece, int]]], plan: ExchangePlan, rank: int,
-                 skip: frozenset[str], element_size: int, device_type: Optional[str]) -> Route:
-    """The route for this set of left-out matrices, built on first use."""
-    key = (skip, element_size, device_type)
+                 skip: frozenset[str], element_size: int, device_type: Optional[str],
+                 shapes: tuple[tuple[int, ...], ...] = ()) -> Route:
+    """The route for this set of left-out matrices (and tensor shapes), built on first use."""
+    key = (skip, element_size, device_type, shapes)
     if key not in cache:
         redundant = (plan.world_size > 1 and is_replicated(plan)
                      and redundant_is_cheaper(plan, element_size, device_type or "cpu"))
-        cache[key] = build_route(local, plan, rank, skip, redundant)
+        cache[key] = build_route(local, plan, rank, skip, redundant, shapes)
     return cache[key]

@@ -214,6 +214,23 @@ def test_skipped_step_is_counted_and_logged(caplog: pytest.LogCaptureFixture) ->
     assert opt.skipped_steps == 1
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), torch.finfo(torch.float32).max])
+def test_only_a_non_finite_entry_skips_the_step(value: float) -> None:
+    """The finite check sees one NaN or +-inf anywhere, and steps over the largest finite gradients
+    (their float32 squares overflow)."""
+    net = model()
+    opt = Muon(net.named_parameters(), lr=LR)
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    net["down"].weight.grad.fill_(value)
+    net["down"].weight.grad[0, 0] = 1.0
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    opt.step()
+    finite = value == value and abs(value) != float("inf")
+    assert opt.skipped_steps == (0 if finite else 1)
+    assert all(torch.equal(before[k], v) != finite for k, v in net.state_dict().items())
+
+
 def test_same_tensor_twice_is_refused_at_construction() -> None:
     net = model()
     with pytest.raises(ValueError, match="parameter 'again' is the same tensor as 'up.weight'"):
