@@ -72,7 +72,9 @@ def main() -> None:
     trainer.save_metrics("all", metrics)
     trainer.save_state()
     if torch.distributed.is_initialized():
-        # Leave no communication threads running into interpreter shutdown (seen to abort a rank under load).
+        # Leave no communication threads running into interpreter shutdown (seen to abort a rank under load),
+        # and leave together, so that no rank tears down its connections while another still uses them.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
