@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from muon_ds.plan import Piece
-from muon_ds.route import Batch, Exchange, Moves, Route
+from muon_ds.route import Exchange, Moves, Route
 
 FILL_CHUNK = 64  # small matrices whose float32 Nesterov temporaries exist at once (one foreach per chunk)
 Orthogonalize = Callable[[torch.Tensor], torch.Tensor]  # in place on an (N, A, B) NS-dtype batch

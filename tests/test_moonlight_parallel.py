@@ -98,7 +98,7 @@ def _pipeline_stage_loads_strictly(pp2_dir: Path) -> int:
     """Build this rank's PP=2 stage from our spec and load its rank file with strict key matching."""
     from megatron.core import parallel_state as ps
 
-    from muon_ds.convert.layout import Parallelism, hf_shapes
+    from muon_ds.convert.layout import Parallelism
     from muon_ds.convert.megatron_files import load_rank_model, rank_file
     from muon_ds.models.config import mla_transformer_config
     from muon_ds.models.spec import build_moonlight_model
