@@ -244,6 +244,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(results, out / f"z3_w{dist.get_world_size()}.pt")
     dist.barrier()
+    dist.destroy_process_group()  # no communication thread left running into interpreter shutdown
 
 
 _register()

@@ -294,6 +294,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(results, out / f"w{dist.get_world_size()}.pt")
     dist.barrier()
+    dist.destroy_process_group()  # no communication thread left running into interpreter shutdown
 
 
 def _register_defaults() -> None:

@@ -64,6 +64,7 @@ def main() -> None:
         if dist.get_rank() == 0:
             torch.save(result, out / f"{action}_w{dist.get_world_size()}.pt")
     dist.barrier()
+    dist.destroy_process_group()  # no communication thread left running into interpreter shutdown
 
 
 if __name__ == "__main__":
