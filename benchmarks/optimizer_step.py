@@ -5,8 +5,8 @@ process and 2 ranks (gloo, a ZeRO-1-like flat partition: the boundary cuts a mat
 the step time; the NS time of the same matrices (each rank's owned ones) batched by shape; the time of the
 ideal foreach elementwise work (momentum, Nesterov, weight decay, update on the rank's tensors); the
 ratio step / (NS + elementwise) (target <= 1.15); and the peak temporary memory of a step over the bf16
-size of the rank's Muon elements (target <= 1.5). On CPU the memory is the growth of peak RSS during
-one step, with glibc returning freed blocks at once (MALLOC_MMAP_THRESHOLD_); on CUDA the allocator's peak.
+size of the rank's Muon elements (target <= 1.5), from the allocations torch records (CUDA's allocator
+statistics, the profiler's memory events on CPU).
 
     python benchmarks/optimizer_step.py [--repeats 5] [--ns-dtype bfloat16] [--models host,ns] [--worlds 1,2]
 """
@@ -63,15 +63,9 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_temporary_bytes(fn: Callable[[], object]) -> int:
-    """Memory a call needs beyond what exists before and after it."""
+    """Memory a call needs beyond what exists before it: on CUDA the caching allocator's peak, on CPU the
+    peak of the running sum of the allocations and frees the profiler records (every tensor torch makes)."""
     if torch.cuda.is_available():
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -79,10 +73,14 @@ def peak_temporary_bytes(fn: Callable[[], object]) -> int:
         fn()
         sync()
         return torch.cuda.max_memory_allocated() - before
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    before = rss_kib("VmRSS")
-    fn()
-    return (rss_kib("VmHWM") - before) * 1024
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        fn()
+    events = [e for e in profile.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 def build(model: str, ns_dtype: str, rank: int, world: int):
@@ -118,14 +116,15 @@ def build(model: str, ns_dtype: str, rank: int, world: int):
 
 
 def ns_batched(owned, ns_dtype: str) -> Callable[[], object]:
-    from muon_ds.newton_schulz import orthogonalize
+    """Newton-Schulz alone, in place on one NS-dtype batch per shape (all of the shape's matrices)."""
+    from muon_ds.newton_schulz import newton_schulz_
 
     counts: dict[tuple[int, int], int] = defaultdict(int)
     for shape, n in owned:
         counts[tuple(shape)] += n
-    batches = [torch.randn(n, *shape, device=device()) for shape, n in counts.items()]
     dtype = getattr(torch, ns_dtype)
-    return lambda: [orthogonalize(b, 5, dtype) for b in batches]
+    batches = [torch.randn(n, *shape, device=device()).to(dtype) for shape, n in counts.items()]
+    return lambda: [newton_schulz_(b) for b in batches]
 
 
 def elementwise(tensors: list[torch.Tensor]) -> Callable[[], object]:
@@ -167,9 +166,9 @@ def rank_main(model: str, ns_dtype: str, repeats: int) -> None:
 
 
 def run_world(model: str, ns_dtype: str, repeats: int, world: int) -> dict[str, float]:
-    """One launch of ``world`` ranks in fresh processes (so peak RSS is this model's alone)."""
+    """One launch of ``world`` ranks in fresh processes."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000 + world),
-               WORLD_SIZE=str(world), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
+               WORLD_SIZE=str(world),
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world))),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, __file__, "--rank-of", model, "--ns-dtype", ns_dtype,

@@ -6,6 +6,8 @@ Used as is in a single process. Engine adapters re-point it at the tensors the e
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import logging
 import warnings
 from typing import Any, Callable, Iterable, Optional, Union
@@ -125,17 +127,21 @@ class Muon(torch.optim.Optimizer):
         return not tensor.requires_grad and tensor.grad is None and tensor in self.param_names
 
     def _grads_finite(self) -> bool:
-        """All gradients finite, agreed across ranks when distributed (else every rank skips).
+        """Every gradient entry finite, agreed across ranks when distributed (else every rank skips).
 
-        The per-tensor float32 2-norms (one foreach) are finite when every entry is; only where some rank's
-        are not (a non-finite entry, or finite entries whose squares overflow float32) the exact largest
-        |g| decides, a foreach several times slower and a second agreement: a step that trains pays one."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.numel()]
-        if not grads:
-            return self._agreed(torch.tensor(True))
-        if self._agreed(torch.stack(torch._foreach_norm(grads, 2.0)).isfinite().all()):
-            return True
-        return self._agreed(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+        One fused pass per device and dtype, exact (torch's GradScaler check, scaling by 1: the gradients
+        keep their values), and one agreement: a skipped step costs no more than one that trains."""
+        grouped: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.numel():
+                    grouped[p.grad.device, p.grad.dtype].append(p.grad)
+        found = []
+        for (device, _dtype), grads in grouped.items():
+            flag = torch.zeros(1, device=device)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
+            found.append(flag.cpu() if len(grouped) > 1 else flag)
+        return self._agreed(torch.stack(found).sum() == 0 if found else torch.tensor(True))
 
     def _agreed(self, finite: torch.Tensor) -> bool:
         """``finite`` on every rank when distributed (one all_reduce), as a bool (one host sync)."""

@@ -18,9 +18,12 @@ import torch
 import torch.distributed as dist
 
 from muon_ds.plan import Piece
-from muon_ds.route import Exchange, Moves, Route
+from muon_ds.route import LARGE_MATRIX, Exchange, Moves, Route
 
-FILL_CHUNK = 64  # small matrices whose float32 Nesterov temporaries exist at once (one foreach per chunk)
+# Nesterov directions are written, and updates applied, a segment at a time, of at most this fraction of
+# the buffer (and LARGE_MATRIX elements at least): their float32 temporaries (foreach results, and on CPU
+# a mixed-precision out= or foreach add) are at most that large.
+SEGMENT_FRACTION = 8
 Orthogonalize = Callable[[torch.Tensor], torch.Tensor]  # in place on an (N, A, B) NS-dtype batch
 
 
@@ -64,13 +67,41 @@ def momentum_(momenta: list[torch.Tensor], grads: list[torch.Tensor], mu: float)
         torch._foreach_add_(momenta, grads)
 
 
-def direction_into(out: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, hyper: Hyper) -> None:
-    """``out`` <- g + mu m (Nesterov) or m, computed in the inputs' precision and rounded once to out's."""
+def direction_into(out: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, hyper: Hyper,
+                   segment: int) -> None:
+    """``out`` <- g + mu m (Nesterov) or m, computed in the inputs' precision and rounded once to out's,
+    ``segment`` elements (whole rows of a 2-D ``out``) at a time."""
     grad, momentum = grad.view(out.shape), momentum.view(out.shape)
-    if hyper.nesterov:
-        torch.add(grad, momentum, alpha=hyper.momentum, out=out)
-    else:
-        out.copy_(momentum)
+    rows = _rows(out, segment)
+    for o, g, m in zip(out.split(rows), grad.split(rows), momentum.split(rows)):
+        if hyper.nesterov:
+            torch.add(g, m, alpha=hyper.momentum, out=o)
+        else:
+            o.copy_(m)
+
+
+def segment_for(buffer: torch.Tensor) -> int:
+    return max(LARGE_MATRIX, buffer.numel() // SEGMENT_FRACTION)
+
+
+def _rows(tensor: torch.Tensor, segment: int) -> int:
+    return max(1, segment // (tensor[0].numel() if tensor.ndim > 1 else 1))
+
+
+def add_(targets: list[torch.Tensor], updates: list[torch.Tensor], alpha: float, segment: int) -> None:
+    """targets += alpha updates, one foreach, pairs cut into ``segment``-element pieces: on CPU a
+    foreach add of an NS-dtype update to float32 weights copies the update to float32 first."""
+    cut_targets, cut_updates = [], []
+    for target, update in zip(targets, updates):
+        if update.numel() <= segment:
+            cut_targets.append(target)
+            cut_updates.append(update)
+        else:
+            rows = _rows(update, segment)
+            cut_targets.extend(target.split(rows))
+            cut_updates.extend(update.split(rows))
+    if cut_targets:
+        torch._foreach_add_(cut_targets, cut_updates, alpha=alpha)
 
 
 def _start(exchange: Exchange, send: torch.Tensor, dtype: torch.dtype, device: torch.device,
@@ -89,9 +120,10 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
     flat, g_flat, m_flat = _Flat(params, True), _Flat(grads, False), _Flat(momenta, True)
     momentum_([m for m in momenta if m is not None], [g for g in grads if g is not None], hyper.momentum)
     send = torch.empty(sum(route.gather.send_sizes), dtype=dtype, device=device)
+    segment = segment_for(send)
     for tensor, offset, at, numel in route.send:
         direction_into(send[at:at + numel], g_flat[tensor][offset:offset + numel],
-                       m_flat[tensor][offset:offset + numel], hyper)
+                       m_flat[tensor][offset:offset + numel], hyper, segment)
     received, gathering = _start(route.gather, send, dtype, device, group)
     del send
     decayed = [p for p in params if p is not None]
@@ -111,16 +143,17 @@ def run(route: Route, params: list[torch.Tensor], grads: list[torch.Tensor], mom
         result = orthogonalize_(buffer)
         _apply(result, batch.local, params, flat, -hyper.lr * hyper.scale(batch.shape))
         _give(result, batch.give, give)
+        del buffer, result  # before the next batch's buffer exists
     if gathering is not None:
         gathering.wait()
     if results is None:
         results, scattering = _start(route.scatter, give, dtype, device, group)
     if scattering is not None:
         scattering.wait()
+    segment = segment_for(results)
     for shape, runs in route.get.items():
-        torch._foreach_add_([flat[t][offset:offset + numel] for t, offset, _at, numel in runs],
-                            [results[at:at + numel] for _t, _offset, at, numel in runs],
-                            alpha=-hyper.lr * hyper.scale(shape))
+        add_([flat[t][offset:offset + numel] for t, offset, _at, numel in runs],
+             [results[at:at + numel] for _t, _offset, at, numel in runs], -hyper.lr * hyper.scale(shape), segment)
 
 
 class _Flat:
@@ -142,10 +175,12 @@ class _Flat:
 def _fill(buffer: torch.Tensor, moves: Moves, grads: list[torch.Tensor], momenta: list[torch.Tensor],
           g_flat: _Flat, m_flat: _Flat, hyper: Hyper) -> None:
     """The batch's local pieces: Nesterov directions written into the NS-dtype ``buffer``."""
+    segment = segment_for(buffer)
     if moves.whole:
         matrices = buffer.unbind(0)
-        for start in range(0, len(moves.whole), FILL_CHUNK):
-            chunk = moves.whole[start:start + FILL_CHUNK]
+        per = max(1, segment // matrices[0].numel())  # matrices whose float32 directions exist at once
+        for start in range(0, len(moves.whole), per):
+            chunk = moves.whole[start:start + per]
             targets = [matrices[i] for i, _t in chunk]
             momentum = [momenta[t] for _i, t in chunk]
             directions = (torch._foreach_add([grads[t] for _i, t in chunk], momentum, alpha=hyper.momentum)
@@ -154,11 +189,11 @@ def _fill(buffer: torch.Tensor, moves: Moves, grads: list[torch.Tensor], momenta
     elements = buffer.view(-1)
     for tensor, offset, at, numel in moves.runs:
         direction_into(elements[at:at + numel], g_flat[tensor][offset:offset + numel],
-                       m_flat[tensor][offset:offset + numel], hyper)
+                       m_flat[tensor][offset:offset + numel], hyper, segment)
     for i, piece, tensor, offset in moves.blocks:
         for view, lo, hi in piece_views(buffer[i], piece):
             direction_into(view, g_flat[tensor][offset + lo:offset + hi], m_flat[tensor][offset + lo:offset + hi],
-                           hyper)
+                           hyper, segment)
 
 
 def _receive(buffer: torch.Tensor, moves: Moves, received: torch.Tensor) -> None:
@@ -182,11 +217,12 @@ def _give(result: torch.Tensor, moves: Moves, give: torch.Tensor) -> None:
 
 
 def _apply(result: torch.Tensor, moves: Moves, params: list[torch.Tensor], flat: _Flat, alpha: float) -> None:
-    """W <- W + alpha O for this rank's pieces of the batch, one foreach."""
-    matrices = result.unbind(0) if moves.whole else ()
-    targets = [params[t] for _i, t in moves.whole]
-    updates = [matrices[i] for i, _t in moves.whole]
-    elements = result.view(-1)
+    """W <- W + alpha O for this rank's pieces of the batch: small whole matrices as one foreach, runs and
+    sub-block pieces in segments."""
+    if moves.whole:
+        matrices = result.unbind(0)
+        torch._foreach_add_([params[t] for _i, t in moves.whole], [matrices[i] for i, _t in moves.whole], alpha=alpha)
+    targets, updates, elements = [], [], result.view(-1)
     for tensor, offset, at, numel in moves.runs:
         targets.append(flat[tensor][offset:offset + numel])
         updates.append(elements[at:at + numel])
@@ -194,5 +230,4 @@ def _apply(result: torch.Tensor, moves: Moves, params: list[torch.Tensor], flat:
         for view, lo, hi in piece_views(result[i], piece):
             targets.append(flat[tensor][offset + lo:offset + hi].view(view.shape))
             updates.append(view)
-    if targets:
-        torch._foreach_add_(targets, updates, alpha=alpha)
+    add_(targets, updates, alpha, segment_for(result))

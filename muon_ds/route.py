@@ -8,6 +8,7 @@ while the exchange travels) and those that wait for received pieces.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,6 +39,11 @@ class Span:
 LARGE_MATRIX = 1 << 16
 
 
+# A batch holds at most this fraction of the elements the rank orthogonalizes (one matrix at least): NS's
+# workspace (a second buffer of the batch's size and one of G's) then stays well under the rank's Muon size.
+BATCH_FRACTION = 4
+
+
 @dataclass
 class Moves:
     """How elements move between a batch's (N, A, B) buffer and flat storage (a group tensor, or an
@@ -57,7 +63,7 @@ class Moves:
 
 @dataclass
 class Batch:
-    """Owned matrices of one shape, orthogonalized together, and where their elements come from and go.
+    """Owned matrices of one shape (all, or a share: :data:`BATCH_FRACTION`), orthogonalized together, and where their elements come from and go.
 
     ``waits``: some piece arrives from a peer. ``local``: this rank's pieces (they fill the buffer and
     receive the result); ``receive``: from the gather's receive buffer; ``give``: into the scatter's
@@ -129,9 +135,13 @@ def build_route(local: list[list[tuple[Piece, int]]], plan: ExchangePlan, rank: 
     for key in owned:
         grouped[(plan.matrices[key].shape, key in arriving)].append(key)
     batches, slot = [], {}
+    cap = sum(plan.matrices[key].shape[0] * plan.matrices[key].shape[1] for key in owned) / BATCH_FRACTION
     for (shape, waits), keys in sorted(grouped.items(), key=lambda item: item[0][1]):  # local batches first
-        slot.update((key, (batches.__len__(), index)) for index, key in enumerate(keys))
-        batches.append(Batch(shape, keys, waits))
+        parts = max(1, math.ceil(len(keys) * shape[0] * shape[1] / cap)) if cap else 1
+        per = math.ceil(len(keys) / parts)
+        for start in range(0, len(keys), per):
+            slot.update((key, (len(batches), index)) for index, key in enumerate(keys[start:start + per]))
+            batches.append(Batch(shape, keys[start:start + per], waits))
     moved: dict[tuple[int, str], list[tuple[int, Piece, int, int]]] = defaultdict(list)
     for key in owned:
         b, i = slot[key]

@@ -319,3 +319,33 @@ def test_frozen_matrices_never_change_when_distributed() -> None:
                 assert not torch.equal(net["up"].weight, model()["up"].weight)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("value", [float("nan"), torch.finfo(torch.float32).max])
+def test_a_step_costs_one_agreement(value: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Distributed, the finite check is one all_reduce whether the step trains, or is skipped, or its
+    gradients' float32 squares overflow (the check used to need a second one for the last two)."""
+    from muon_ds.partition import replicated_layout
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        net = model()
+        opt = Muon(net.named_parameters(), lr=LR, weight_decay=WD)
+        for group in opt.param_groups:
+            if group["use_muon"]:
+                opt.set_layout(group, replicated_layout([opt.views[p] for p in group["params"]], 0, 1,
+                                                        group["ns_steps"], dist.group.WORLD))
+        calls = []
+        all_reduce = dist.all_reduce
+        monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or all_reduce(*a, **k))
+        for poisoned in (False, True):
+            for k, p in net.named_parameters():
+                p.grad = gradients(0, net)[k].float()
+            if poisoned:
+                net["down"].weight.grad[0, 0] = value
+            calls.clear()
+            opt.step()
+            assert len(calls) == 1
+        assert opt.skipped_steps == (1 if value != value else 0)
+    finally:
+        dist.destroy_process_group()

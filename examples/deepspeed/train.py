@@ -55,6 +55,8 @@ def main() -> None:
     timeout = collectives.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     try:
         train(args)
+        dist.barrier()  # no rank tears its group down while a peer still uses it
+        dist.destroy_process_group()
     except RuntimeError as err:
         if not collectives.is_peer_failure(err):
             raise
@@ -108,7 +110,7 @@ def train(args: argparse.Namespace) -> None:
             save()
             if rank == 0:
                 print(f"signal received: saved step {step} for requeue", flush=True)
-            sys.exit(0)
+            return
     save()
 
 
