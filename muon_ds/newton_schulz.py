@@ -7,12 +7,12 @@ the same FLOPs, singular values much closer to 1 after 5 steps (see tests/test_n
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NORM_EPS = 1e-7
+# Any finite float32 entry times this squares to under 1e17: sums of up to 1e21 of them stay finite.
+OVERFLOW_SCALE = 2.0**-100
 POLAR_EXPRESS_SAFETY = 1.01  # the paper's safety factor: rounding must not push a singular value past 1
 # Polar Express's published degree-5 polynomials (a, b, c) of steps 1..8 (Amsel et al., Algorithm 1); later
 # steps repeat the last. Each but the last is shrunk by the safety factor (a / s, b / s^3, c / s^5), as the
@@ -44,17 +44,17 @@ def coefficients(name: str, steps: int) -> list[tuple[float, float, float]]:
 def normalize_(x: torch.Tensor, safety: float = 1.0) -> torch.Tensor:
     """x <- x / (safety ||x||_F + eps) per matrix, in place and in x's dtype, with no temporary of x's size.
 
-    Each matrix is first scaled by the power of two nearest below its largest |entry| (exact: only
-    exponents change), so the sum of squares, accumulated in float32 inside the reduction, cannot
-    overflow: a finite gradient of 1e18 scale is normalized, not zeroed. The norm comes out in x's dtype
-    (for bf16 within 0.4% of the float32 norm, a uniform factor below the iteration's own rounding):
-    dividing by a float32 norm would make float32 copies of the batch.
+    The norm accumulates in float32 inside the reduction. A finite matrix whose sum of squares overflows
+    there (entries of about 1e18 and more) is first scaled by 2^-100 (exact: only exponents change), so it
+    is normalized, not zeroed. The norm comes out in x's dtype (for bf16 within 0.4% of the float32 norm,
+    a uniform factor below the iteration's own rounding): dividing by a float32 norm would make float32
+    copies of the batch.
     """
-    largest = torch.linalg.vector_norm(x, ord=math.inf, dim=(-2, -1), keepdim=True)
-    wide = largest.to(torch.promote_types(x.dtype, torch.float32))
-    scale = torch.ldexp(torch.ones_like(wide), -torch.frexp(wide).exponent)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    scale = torch.where(norm.isinf(), OVERFLOW_SCALE, 1.0).float()
     x.mul_(scale.to(x.dtype))
-    return x.div_((torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) * safety + NORM_EPS * scale).to(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    return x.div_((norm * safety + NORM_EPS * scale).to(x.dtype))
 
 
 def newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: str = "moonlight",

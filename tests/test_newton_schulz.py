@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from muon_ds.newton_schulz import POLAR_EXPRESS, coefficients, newton_schulz_, ns_flops, orthogonalize
+from muon_ds.newton_schulz import POLAR_EXPRESS, coefficients, newton_schulz_, normalize_, ns_flops, orthogonalize
 from muon_ds.optim import Muon
 
 
@@ -91,9 +91,16 @@ def test_polar_express_is_closer_to_the_polar_factor() -> None:
     assert spreads["polar_express"] < spreads["moonlight"], spreads
 
 
-def test_huge_finite_matrix_is_normalized() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e18, 1e30, 3e38])
+def test_huge_finite_matrix_is_normalized(scale: float, dtype: torch.dtype) -> None:
+    """Finite entries whose float32 squares overflow (up to float32's largest) are normalized, not zeroed."""
     g = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(orthogonalize(g * 1e18, dtype=torch.float32), orthogonalize(g, dtype=torch.float32))
+    g = g / g.abs().amax()  # entries in [-1, 1]: times ``scale``, still finite
+    got, expected = normalize_((g * scale).to(dtype), 1.0), normalize_(g.to(dtype), 1.0)
+    error = float((got.float() - expected.float()).norm() / expected.float().norm())
+    assert error < (0.01 if dtype == torch.bfloat16 else 1e-6), error  # zeroed: 1.0
+    torch.testing.assert_close(orthogonalize(g * scale, dtype=torch.float32), orthogonalize(g, dtype=torch.float32))
 
 
 def test_polar_express_is_a_muon_option() -> None:
