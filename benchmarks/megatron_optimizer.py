@@ -83,18 +83,15 @@ def timed_steps(ddp: Any, optimizer: Any, steps: int, sync: Callable[[], None]) 
 
 
 def measure(hf: dict[str, Any], tp: int, ep: int, steps: int, device: torch.device, backend: str) -> dict[str, float]:
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer as megatron_adam
 
     import muon_ds.optim as optim_module
-    from muon_ds.megatron import get_megatron_optimizer
-    from muon_ds.megatron.version import NESTEROV
+    from muon_ds.megatron import get_megatron_optimizer, moonlight_optimizer_config
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    config = OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                             use_distributed_optimizer=True, clip_grad=1.0, muon_momentum=0.95,
-                             **{NESTEROV.attribute: True}, muon_extra_scale_factor=0.2, muon_tp_mode="distributed",
-                             muon_fp32_matmul_prec="medium")
+    # Moonlight's Muon settings; "adam" so that megatron-core's own factory builds its Adam from the same config.
+    config = moonlight_optimizer_config(optimizer="adam", lr=1e-3, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                                        use_distributed_optimizer=True, clip_grad=1.0)
     ddp = build(hf, tp, ep, device, backend)
     adam_seconds = timed_steps(ddp, megatron_adam(config, [ddp]), steps, sync)
 
