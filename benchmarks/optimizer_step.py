@@ -1,7 +1,8 @@
 """How close the Muon step is to its unavoidable work: Newton-Schulz plus one pass of elementwise updates.
 
 For a host-bound model (thousands of small matrices) and an NS-bound one (a few large ones), single
-process and 2 ranks (gloo, a ZeRO-1-like flat partition: the boundary cuts a matrix), it prints:
+process and 2 ranks (gloo, a ZeRO-1-like flat partition: the boundary cuts a matrix; as under ZeRO, the
+engine's finite-gradient check is not part of the step), it prints:
 the step time; the NS time of the same matrices (each rank's owned ones) batched by shape; the time of the
 ideal foreach elementwise work (momentum, Nesterov, weight decay, update on the rank's tensors); the
 ratio step / (NS + elementwise) (target <= 1.15); and the peak temporary memory of a step over the bf16
@@ -111,6 +112,7 @@ def build(model: str, ns_dtype: str, rank: int, world: int):
     layout = partitioned_layout(spans, size, rank, world, group["ns_steps"], dist.group.WORLD)
     group["params"] = [part]
     opt.set_layout(group, layout)
+    opt.engine_checks_overflow = True  # as under ZeRO, whose engine checks the gradients (deepspeed/layouts.py)
     owned = [(m.shape, 1) for m in layout.plan.owned(rank)]
     return opt, [part], owned, size
 

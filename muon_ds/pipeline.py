@@ -24,6 +24,7 @@ from muon_ds.route import LARGE_MATRIX, Exchange, Moves, Route
 # the buffer (and LARGE_MATRIX elements at least): their float32 temporaries (foreach results, and on CPU
 # a mixed-precision out= or foreach add) are at most that large.
 SEGMENT_FRACTION = 8
+CPU_SEGMENT = 1 << 16
 Orthogonalize = Callable[[torch.Tensor], torch.Tensor]  # in place on an (N, A, B) NS-dtype batch
 
 
@@ -81,7 +82,11 @@ def direction_into(out: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor
 
 
 def segment_for(buffer: torch.Tensor) -> int:
-    return max(LARGE_MATRIX, buffer.numel() // SEGMENT_FRACTION)
+    """Elements per segment for ``buffer``: an eighth of it; on CPU, where the mixed-precision ops compute
+    through temporaries, at most :data:`CPU_SEGMENT` (the temporary stays in cache: measured 1.4-1.9x faster
+    than a segment of 393K elements)."""
+    segment = max(LARGE_MATRIX, buffer.numel() // SEGMENT_FRACTION)
+    return min(segment, CPU_SEGMENT) if buffer.device.type == "cpu" else segment
 
 
 def _rows(tensor: torch.Tensor, segment: int) -> int:
