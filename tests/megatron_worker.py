@@ -174,7 +174,21 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
         optimizer = native_factory(opt_config, [ddp])
     else:
         optimizer = get_megatron_optimizer(opt_config, [ddp])
+        for member in (o.optimizer for o in optimizer.chained_optimizers if o.optimizer is not None):
+            _count_finite_checks(member)
     return ddp, optimizer, config
+
+
+def _count_finite_checks(muon: Any) -> None:
+    """Count the finite-gradient checks (and agreements) muon_ds's Muon makes itself."""
+    check = muon._grads_finite
+    muon.finite_checks = 0
+
+    def counted() -> bool:
+        muon.finite_checks += 1
+        return check()
+
+    muon._grads_finite = counted
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,9 +411,9 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
               "warnings": warned.messages, "seconds_per_step": seconds_per_step,
               "skipped_intact": skipped_intact, "loss_scale": float(optimizer.get_loss_scale())}
     if not options["native"]:
-        layouts = [layout for o in optimizer.chained_optimizers if o.optimizer is not None
-                   for layout in o.optimizer.layouts.values()]
-        result.update(gathers=sum(len(layout.plan.gathers) for layout in layouts),
+        members = [o.optimizer for o in optimizer.chained_optimizers if o.optimizer is not None]
+        layouts = [layout for member in members for layout in member.layouts.values()]
+        result.update(own_finite_checks=sum(member.finite_checks for member in members), gathers=sum(len(layout.plan.gathers) for layout in layouts),
                       ns_flops=[sum(layout.plan.flops[r] for layout in layouts) for r in range(layouts[0].plan.world_size)])
     torch.save(result, out / f"{name}.rank{dist.get_rank()}.pt")
 

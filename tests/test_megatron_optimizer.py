@@ -222,9 +222,17 @@ def test_grad_clipping_dp2_equals_dp1(runs: Path) -> None:
 
 
 def test_fp16_overflow_skips_the_step_with_state_intact(runs: Path) -> None:
-    """An inf gradient on one rank: every rank skips, main params, momentum and Adam moments unchanged."""
+    """An inf gradient on one rank: every rank skips, main params, momentum and Adam moments unchanged.
+    Megatron's loss scaler checks the gradients and agrees on it: Muon does not repeat the agreement."""
     for result in _load(runs, "fp16")["results"]:
         assert result["skipped_intact"] is True
+        assert result["own_finite_checks"] == 0
+
+
+def test_without_a_loss_scaler_muon_checks_the_gradients(runs: Path) -> None:
+    """bf16 has no loss scaler, so nothing in Megatron skips a non-finite step: Muon checks, once per member."""
+    for result in _load(runs, "bf16")["results"]:
+        assert result["own_finite_checks"] > 0
 
 
 @pytest.mark.parametrize("name", ["bf16", "bf16nd"])

@@ -170,6 +170,8 @@ def _build(config: OptimizerConfig, settings: MuonSettings, model_chunks: List[M
     init_state = inner.init_state if inner else None
     if config.fp16 or config.bf16 or config.use_distributed_optimizer:
         scaler = _grad_scaler(config)
+        if inner is not None:  # a loss scaler's finite check skips the step before Muon sees it
+            inner.engine_checks_overflow = scaler is not None
         if config.use_distributed_optimizer:
             instance = get_pg_rank(groups["inter_dist_opt_group"]) if groups.get("inter_dist_opt_group") else 0
             wrapped = MuonDistributedOptimizer(inner, config, scaler, init_state, model_chunks=model_chunks,
