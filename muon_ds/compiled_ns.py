@@ -27,6 +27,10 @@ def _compiled() -> Callable[..., torch.Tensor]:
 def compiled_newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: str = "moonlight",
                             method: str = "direct") -> torch.Tensor:
     """:func:`muon_ds.newton_schulz.newton_schulz_`, compiled: same arguments, same in-place contract."""
-    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    config = torch._dynamo.config
+    limit = config.recompile_limit
+    config.recompile_limit = max(RECOMPILE_LIMIT, limit)
+    try:
         return _compiled()(x, steps, coefficient_set, method)
+    finally:
+        config.recompile_limit = limit
