@@ -15,10 +15,12 @@ def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("ns_dtype,tolerance", [("float32", 1e-5), ("bfloat16", 2e-2)])
+# measured 2026-12-01 on this 3-step run: float32 2.2e-6 eager and compiled; bf16 0.009-0.015 eager, 0.011-0.015
+# compiled (inductor rounds fused bf16 elementwise work once, eager per op)
+@pytest.mark.parametrize("ns_dtype,tolerance", [("float32", 1e-5), ("bfloat16", 3e-2)])
 def test_compiled_step_equals_the_float64_reference(ns_dtype: str, tolerance: float) -> None:
-    """The tolerances are the eager step's own (tests/test_optim.py); a compiled NS that were wrong (a missed
-    step, a wrong transpose, an unnormalized input) would be off by O(1)."""
+    """About twice the eager step's own error; a compiled NS that were wrong (a missed step, a wrong
+    transpose, an unnormalized input) would be off by O(1)."""
     net = model()
     muon = Muon(net.named_parameters(), lr=LR, weight_decay=WD, ns_dtype=ns_dtype, ns_compile=True)
     ref = Reference(dict(net.named_parameters()), {"up.weight", "down.weight"})
