@@ -100,20 +100,20 @@ fi
 # before anything is timed; if it cannot be built, AdamW runs as torch.optim.AdamW (said in the table's header).
 ADAM=()
 if [ "$TINY" != 1 ]; then
-  step fused_adam 110 $PY -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
+  step fused_adam 90 $PY -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
     || ADAM=(--torch-adam)
 fi
 step ns_eager 70 $PY benchmarks/newton_schulz.py "${NS_ARGS[@]}"
 step deepspeed_llama 210 $PY benchmarks/deepspeed_optimizer.py --model llama --bf16 --stages 1 --worlds 1 \
   --ns-compile "${ADAM[@]}" "${LLAMA_ARGS[@]}" --out "$OUT/deepspeed_llama.jsonl"
-step ns_compiled 110 $PY benchmarks/newton_schulz.py "${NS_ARGS[@]}" --compile
+step ns_compiled 140 $PY benchmarks/newton_schulz.py "${NS_ARGS[@]}" --compile
 step optimizer_step 45 $PY benchmarks/optimizer_step.py "${STEP_ARGS[@]}"  # optional
 [ "$TINY" = 1 ] && rm -f "$CONFIG"
 
 note ""
 for name in ns_eager ns_compiled deepspeed_llama optimizer_step; do
   note "## $name"
-  grep -E '^(\||model:|[0-9]+ of |device:|peak CUDA)' "$OUT/$name.log" | tee -a "$SUMMARY"
+  grep -E '^(\||model:|[0-9]+ of |device:|peak CUDA|torch.compile:)' "$OUT/$name.log" | tee -a "$SUMMARY"
 done
 if [ ${#FAILED[@]} -ne 0 ]; then
   note "FAILED steps: ${FAILED[*]} (their logs are in \$OUT)"

@@ -80,20 +80,29 @@ def main() -> None:
     peak = 2 * size**3 / seconds(lambda: a @ b, device, repeat=20 if gpu else 5)
     repeat, warm = (2, True) if gpu else (1, args.compile)  # CPU: one timed pass of large matrices
     graphs = counters["stats"]["unique_graphs"]
-    # Each call overwrites its batch (normalized, then an iterate): the next call starts from those finite values.
-    batched = seconds(lambda: [ns(g) for g in stacks.values()], device, repeat, warm)
-    single = seconds(lambda: [ns(g[i:i + 1]) for g in stacks.values() for i in range(len(g))], device, repeat, warm)
-    compiled = f", torch.compile ({counters['stats']['unique_graphs'] - graphs} graphs)" if args.compile else ""
     print(f"{sum(work.values())} of Moonlight-16B-A3B's {sum(shapes.values())} matrices "
           f"({len(shapes)} shapes), {flops / 1e12:.2f} TFLOP per Newton-Schulz pass, {args.dtype} on "
-          f"{torch.cuda.get_device_name() if gpu else 'CPU'}{compiled}")
+          f"{torch.cuda.get_device_name() if gpu else 'CPU'}{', torch.compile' if args.compile else ''}")
     print("| mode | seconds | TFLOP/s | % of measured matmul peak |\n|---|---|---|---|")
-    print(f"| {size}^3 matmul | - | {peak / 1e12:.2f} | 100 |")
-    for mode, elapsed in (("batched by shape", batched), ("one matrix at a time", single)):
-        print(f"| {mode} | {elapsed:.3f} | {flops / elapsed / 1e12:.2f} | {100 * flops / elapsed / peak:.0f} |")
+
+    def row(mode: str, elapsed: float, work_flops: float) -> None:
+        print(f"| {mode} | {elapsed:.3f} | {work_flops / elapsed / 1e12:.2f} | {100 * work_flops / elapsed / peak:.0f} |",
+              flush=True)
+
+    row(f"{size}^3 matmul", 2 * size**3 / peak, 2 * size**3)
+    # Each call overwrites its batch (normalized, then an iterate): the next call starts from those finite values.
+    batched = 0.0
+    for shape, g in stacks.items():
+        elapsed = seconds(lambda: ns(g), device, repeat, warm)
+        batched += elapsed
+        row(f"batched {len(g)} x {shape[0]}x{shape[1]}", elapsed, len(g) * ns_flops(shape))
+    row("batched by shape", batched, flops)
+    single = seconds(lambda: [ns(g[i:i + 1]) for g in stacks.values() for i in range(len(g))], device, repeat, warm)
+    row("one matrix at a time", single, flops)
+    if args.compile:
+        print(f"torch.compile: {counters['stats']['unique_graphs'] - graphs} graphs compiled")
     if gpu:
         print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-
 
 if __name__ == "__main__":
     main()
