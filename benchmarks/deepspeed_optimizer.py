@@ -111,35 +111,32 @@ def time_newton_schulz(clock: NewtonSchulzClock, optimizer: str) -> None:
             setattr(original_muon, name, timed(getattr(original_muon, name)))
 
 
-class LlamaLoss:
-    """Builds a Llama (transformers' LlamaForCausalLM from a LlamaConfig, random init, nothing downloaded)
-    whose forward takes (batch, seq) tokens and returns the next-token loss, as TinyGPT's does."""
+def build_llama(args: argparse.Namespace, device: Any) -> Any:
+    """transformers' LlamaForCausalLM from a LlamaConfig (random init, nothing downloaded), wrapped so that its
+    forward takes (batch, seq) tokens and returns the next-token loss, as TinyGPT's does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    @staticmethod
-    def build(args: argparse.Namespace, device: Any) -> Any:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.ffn,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
 
-        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.ffn,
-                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                             num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq_len,
-                             rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+    class LlamaLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            with device:  # initialized where it runs: a 1.1B model's CPU init would take longer than the run
+                self.llama = LlamaForCausalLM(config)
 
-        class Loss(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                with device:  # initialized where it runs: a 1.1B model's CPU init would take longer than the run
-                    self.llama = LlamaForCausalLM(config)
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.llama(input_ids=tokens, labels=tokens, use_cache=False).loss
 
-            def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-                return self.llama(input_ids=tokens, labels=tokens, use_cache=False).loss
-
-        return Loss()
+    return LlamaLoss()
 
 
 def build_model(args: argparse.Namespace, device: Any) -> Any:
     if args.model == "llama":
-        return LlamaLoss.build(args, device)
+        return build_llama(args, device)
     from examples.deepspeed.tiny_gpt import TinyGPT
 
     return TinyGPT(args.width, args.layers, heads=args.heads, seq_len=args.seq_len)
