@@ -3,7 +3,8 @@
 ``python benchmarks/deepspeed_optimizer.py [--stages 1,3] [--worlds 1,2,4]`` launches each configuration
 with torchrun on this machine and prints a markdown table: iteration and optimizer-step time, per-rank
 Newton-Schulz time and FLOPs, bytes communicated per step beyond AdamW's, optimizer-state memory per rank, and the
-iteration-time ratio to AdamW measured in the same run. DeepSpeed's built-in Muon runs in processes
+iteration-time ratio to AdamW measured in the same run (Newton-Schulz is timed in iterations of its own, after
+the timed ones, so that its timers cannot slow them). DeepSpeed's built-in Muon runs in processes
 where muon_ds is not activated (``MUON_DS_AUTOLOAD=0``, no import), so the name "Muon" is its own.
 
 The default model is examples/deepspeed/tiny_gpt.py's byte-level GPT in fp32 on CPU (gloo).
@@ -28,6 +29,7 @@ SIZES = ("width", "layers", "ffn", "heads", "kv_heads", "vocab", "seq_len", "mic
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single", "broadcast",
                "all_gather", "reduce_scatter", "_all_gather_base", "_reduce_scatter_base")
 OPTIMIZERS = ("adamw", "muon_ds", "deepspeed_muon", "muon_ds_compiled")  # run in this order
+NS_ITERATIONS = 2  # iterations timing Newton-Schulz, after the timed ones
 # --model llama's defaults: TinyLlama-1.1B's shape, and its micro-batch of 8 x 2048 tokens per GPU
 LLAMA = {"width": 2048, "layers": 22, "ffn": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000, "seq_len": 2048,
          "micro_batch": 8}
@@ -90,7 +92,7 @@ class NewtonSchulzClock:
             self.flops += count * ns_flops(tuple(g.shape[-2:]), kwargs.get("steps", 5))
             return out
 
-        return timed
+        return torch.compiler.disable(timed)  # eager also inside a compiled caller (the built-in's muon_update)
 
 
 def time_newton_schulz(clock: NewtonSchulzClock, optimizer: str) -> None:
@@ -183,8 +185,6 @@ def worker(args: argparse.Namespace) -> None:
                 "deepspeed_muon": ("MuonWithAuxAdam",)}
     if built not in expected[args.optimizer]:
         raise RuntimeError(f"--optimizer {args.optimizer} built DeepSpeed's {built}")
-    if args.optimizer != "adamw":
-        time_newton_schulz(clock, args.optimizer)
     count_collectives(comm)
     length = args.seq_len + (args.model == "gpt")  # TinyGPT predicts tokens[1:], Llama shifts its labels itself
     tokens = torch.randint(0, args.vocab or 256, (args.micro_batch, length),
@@ -195,35 +195,45 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    iteration, step_time = [], []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            comm["bytes"] = 0
-            clock.reset()
+    def iterate() -> tuple[float, float]:
+        """(iteration seconds, optimizer-step seconds)"""
         dist.barrier()
         start = now()
         engine.backward(engine(tokens))
         before_step = now()
         engine.step()
         end = now()
-        clock.settle()
-        if i >= args.warmup:
-            iteration.append(end - start)
-            step_time.append(end - before_step)
+        return end - start, end - before_step
+
+    for _ in range(args.warmup):
+        iterate()
+    comm["bytes"] = 0
+    iteration, step_time = zip(*(iterate() for _ in range(args.steps)))
+    comm_bytes = comm["bytes"]
+    # Newton-Schulz is timed in iterations of its own: its timers break the built-in's compiled muon_update into
+    # pieces (graph breaks), which must not slow the iterations timed above. One more warm-up recompiles those.
+    if args.optimizer != "adamw":
+        time_newton_schulz(clock, args.optimizer)
+        for i in range(1 + NS_ITERATIONS):
+            if i == 1:
+                clock.reset()
+            iterate()
+            clock.settle()
     basic = engine.basic_optimizer
     state_bytes = sum(t.numel() * t.element_size() for s in basic.state.values() for t in s.values()
                       if torch.is_tensor(t))
     result = {"optimizer": args.optimizer, "stage": args.stage, "world": dist.get_world_size(),
               "rank": dist.get_rank(), "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
               "iteration_s": sum(iteration) / len(iteration), "step_s": sum(step_time) / len(step_time),
-              "ns_s": clock.seconds / args.steps, "ns_gflop": clock.flops / args.steps / 1e9,
-              "comm_mb": comm["bytes"] / args.steps / 2**20, "state_mb": state_bytes / 2**20}
+              "ns_s": clock.seconds / NS_ITERATIONS, "ns_gflop": clock.flops / NS_ITERATIONS / 1e9,
+              "comm_mb": comm_bytes / args.steps / 2**20, "state_mb": state_bytes / 2**20}
     with open(args.out, "a") as f:
         f.write(json.dumps(result) + "\n")
 
 
 def launch(stage: int, world: int, optimizer: str, args: argparse.Namespace, out: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # the GPU checks' wheels too
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)))
     if optimizer == "deepspeed_muon":
         env["MUON_DS_AUTOLOAD"] = "0"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",

@@ -51,7 +51,10 @@ step() {
   tail -n 25 "$OUT/$name.log"
   if [ "$rc" -ne 0 ]; then
     FAILED+=("$name")
-    [ "$rc" -eq 124 ] && note "FAILED: $name timed out after ${limit} s" || note "FAILED: $name exited $rc"
+    case $rc in
+      124 | 137) note "FAILED: $name timed out after ${limit} s" ;;
+      *) note "FAILED: $name exited $rc" ;;
+    esac
   fi
   note "$name: exit $rc, $((SECONDS - start)) s (log: $name.log)"
   return "$rc"
