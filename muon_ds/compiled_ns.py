@@ -32,5 +32,10 @@ def compiled_newton_schulz_(x: torch.Tensor, steps: int = 5, coefficient_set: st
     config.recompile_limit = max(RECOMPILE_LIMIT, limit)
     try:
         return _compiled()(x, steps, coefficient_set, method)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # no C++ compiler, no Triton, an inductor bug ...
+        reason = str(err).strip().splitlines()[0]
+        raise RuntimeError(f"ns_compile: torch.compile could not build Newton-Schulz for a {tuple(x.shape)} "
+                           f"{x.dtype} batch on {x.device} ({reason}); set ns_compile to false to run it "
+                           "eagerly") from err
     finally:
         config.recompile_limit = limit

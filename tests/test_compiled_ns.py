@@ -54,3 +54,12 @@ def test_more_shapes_than_dynamos_default_limit_are_all_compiled() -> None:
 def test_ns_compile_must_be_a_boolean(value: object) -> None:
     with pytest.raises(ValueError, match="Muon optimizer params: ns_compile: Input should be a valid boolean"):
         Muon(model().named_parameters(), lr=LR, ns_compile=value)
+
+
+def test_a_failed_compile_names_the_option() -> None:
+    import torch._inductor.config as inductor
+
+    with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.raises(RuntimeError, match=r"ns_compile: torch.compile could not build Newton-Schulz for a "
+                                               r"\(1, 5, 7\) torch.float32 batch on cpu .*set ns_compile to false"):
+            compiled_newton_schulz_(torch.randn(1, 5, 7))
