@@ -1,6 +1,5 @@
 """``ns_compile``: Newton-Schulz through torch.compile is the same Muon step, for every shape of a model."""
 
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
