@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from muon_ds import pipeline
+from muon_ds.compiled_ns import compiled_newton_schulz_
 from muon_ds.matrices import ATTRIBUTE, Views, classify
 from muon_ds.newton_schulz import newton_schulz_
 from muon_ds.options import NS_DTYPES, MuonOptions
@@ -228,8 +229,10 @@ class Muon(torch.optim.Optimizer):
         hyper = Hyper(group["lr"] * group["lr_ratio"], group["weight_decay"], group["momentum"], group["nesterov"],
                       scale)
         steps, coefficients, method = group["ns_steps"], group["ns_coefficients"], group["ns_method"]
+        compiled = group["ns_compile"]
         pipeline.run(route, params, grads, momenta, hyper,
-                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients, method=method),
+                     lambda batch: orthogonalize(batch, steps=steps, coefficient_set=coefficients, method=method,
+                                                 compiled=compiled),
                      dtype, device, layout.process_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -289,10 +292,10 @@ def _plain(value: Any) -> Any:
 
 
 def orthogonalize(batch: torch.Tensor, steps: int, coefficient_set: str = "moonlight",
-                  method: str = "direct") -> torch.Tensor:
-    """The step's Newton-Schulz of one (N, A, B) NS-dtype batch, in place (a module-level name, so that
-    benchmarks can time it)."""
-    return newton_schulz_(batch, steps, coefficient_set, method)
+                  method: str = "direct", compiled: bool = False) -> torch.Tensor:
+    """The step's Newton-Schulz of one (N, A, B) NS-dtype batch, in place, through torch.compile when
+    ``compiled`` (a module-level name, so that benchmarks can time it)."""
+    return (compiled_newton_schulz_ if compiled else newton_schulz_)(batch, steps, coefficient_set, method)
 
 
 def _hyper_parameters(options: MuonOptions, use_muon: bool) -> dict[str, Any]:

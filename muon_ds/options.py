@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -32,7 +32,7 @@ class MuonOptions(BaseModel):
     lr: Real = Field(1e-3, ge=0)
     weight_decay: Real = Field(0.0, ge=0)
     momentum: Real = Field(0.95, ge=0, lt=1)
-    nesterov: bool = True
+    nesterov: StrictBool = True
     ns_steps: Count = Field(5, ge=1)
     betas: tuple[Real, Real] = (0.9, 0.95)
     eps: Real = Field(1e-8, gt=0)
@@ -41,6 +41,7 @@ class MuonOptions(BaseModel):
     ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     ns_coefficients: Literal["moonlight", "polar_express"] = "moonlight"  # see muon_ds/newton_schulz.py
     ns_method: Literal["direct", "gram"] = "direct"  # "gram": the same iteration in Gram space
+    ns_compile: StrictBool = False  # Newton-Schulz through torch.compile (muon_ds/compiled_ns.py)
     muon_lr: Optional[Real] = Field(None, ge=0)
     adam_lr: Optional[Real] = Field(None, ge=0)
 

@@ -263,6 +263,7 @@ def errors() -> dict[str, str]:
         "elastic": ds_config(1, world, zero_optimization={"stage": 1, "elastic_checkpoint": True}),
         "unknown_key": ds_config(1, world, optimizer={"type": "Muon", "params": {"lr": 0.1, "momentumm": 0.9}}),
         "bad_value": ds_config(1, world, optimizer={"type": "Muon", "params": {"lr": 0.1, "momentum": 1.5}}),
+        "ns_compile_not_boolean": ds_config(1, world, optimizer={"type": "Muon", "params": {"ns_compile": "yes"}}),
     }
     found = {}
     for name, config in cases.items():

@@ -147,6 +147,7 @@ def test_engine_logs_which_muon_it_built(runs: dict) -> None:
     ("elastic", "elastic_checkpoint"),
     ("unknown_key", "unknown key(s) ['momentumm']; valid keys are"),
     ("bad_value", "momentum: Input should be less than 1"),
+    ("ns_compile_not_boolean", "Muon optimizer params: ns_compile: Input should be a valid boolean"),
     ("vector_tagged", "parameter 'up.bias' of shape (40,) is tagged use_muon=True but is not a matrix"),
     ("old_deepspeed", "tested with deepspeed >=0.19.0,<0.20.0; found deepspeed 0.16.4"),
 ])

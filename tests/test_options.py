@@ -20,7 +20,7 @@ def test_unknown_key_is_named_with_the_valid_ones() -> None:
                                        ("betas", [0.9, 1.0]), ("scale", "rms"), ("ns_dtype", "float16"),
                                        ("weight_decay", -0.1), ("muon_lr", -2.0), ("lr", float("inf")),
                                        ("lr", True), ("eps", float("inf")), ("eps", True), ("ns_steps", True),
-                                       ("extra_scale", 0.0)])
+                                       ("extra_scale", 0.0), ("nesterov", "yes")])
 def test_invalid_values_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"Muon optimizer params: {key}"):
         MuonOptions.parse({key: value})
