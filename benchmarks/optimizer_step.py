@@ -7,7 +7,7 @@ the step time; the NS time of the same matrices (each rank's owned ones) batched
 ideal foreach elementwise work (momentum, Nesterov, weight decay, update on the rank's tensors); the
 ratio step / (NS + elementwise) (target <= 1.15); and the peak temporary memory of a step over the bf16
 size of the rank's Muon elements (target <= 1.5), from the allocations torch records (CUDA's allocator
-statistics, the profiler's memory events on CPU).
+statistics, the profiler's memory events on CPU). Every timed call starts with cold caches.
 
     python benchmarks/optimizer_step.py [--repeats 5] [--ns-dtype bfloat16] [--models host,ns] [--worlds 1,2]
 """
@@ -48,12 +48,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+# Bytes written before every timed call, beyond the last-level cache (the dev machine's L3: 480 MB; an
+# H100/H200's L2: 50-60 MB), so that each call starts cold, as a step does after forward and backward: warm,
+# the ideal elementwise work measured 30-45% faster on the dev machine than inside a step.
+CACHE_FLUSH_BYTES = 512 << 20
+
+
 def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` calls of ``fn`` after one warm-up call, all ranks started together (the
-    minimum: on a shared machine the other timings measure the neighbours)."""
+    """Fastest of ``repeats`` calls of ``fn`` after one warm-up call, each with cold caches and all ranks
+    started together (the minimum: on a shared machine the other timings measure the neighbours)."""
+    junk = torch.empty(CACHE_FLUSH_BYTES, dtype=torch.uint8, device=device())
     fn()
     times = []
     for _ in range(repeats):
+        junk.fill_(1)
         if dist.is_initialized():
             dist.barrier()
         sync()

@@ -6,8 +6,6 @@ Used as is in a single process. Engine adapters re-point it at the tensors the e
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import logging
 import warnings
 from typing import Any, Callable, Iterable, Optional, Union
@@ -130,19 +128,18 @@ class Muon(torch.optim.Optimizer):
     def _grads_finite(self) -> bool:
         """Every gradient entry finite, agreed across ranks when distributed (else every rank skips).
 
-        One fused pass per device and dtype, exact (torch's GradScaler check, scaling by 1: the gradients
-        keep their values), and one agreement: a skipped step costs no more than one that trains."""
-        grouped: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = defaultdict(list)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.numel():
-                    grouped[p.grad.device, p.grad.dtype].append(p.grad)
+        One fused pass per device, exact (torch's GradScaler check, scaling by 1: the gradients keep their
+        values), and one agreement: a skipped step costs no more than one that trains."""
+        grads = [grad for group in self.param_groups for p in group["params"] if (grad := p.grad) is not None]
+        devices = {grad.device for grad in grads}
+        per_device = [[g for g in grads if g.device == d] for d in devices] if len(devices) > 1 else [grads]
         found = []
-        for (device, _dtype), grads in grouped.items():
-            flag = torch.zeros(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=device))
-            found.append(flag.cpu() if len(grouped) > 1 else flag)
-        return self._agreed(torch.stack(found).sum() == 0 if found else torch.tensor(True))
+        for tensors in per_device:
+            if tensors:
+                flag = torch.zeros(1, device=tensors[0].device)
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, torch.ones(1, device=flag.device))
+                found.append(flag if len(per_device) == 1 else flag.cpu())
+        return self._agreed(sum(found) == 0 if found else torch.tensor(True))
 
     def _agreed(self, finite: torch.Tensor) -> bool:
         """``finite`` on every rank when distributed (one all_reduce), as a bool (one host sync)."""
@@ -198,26 +195,26 @@ class Muon(torch.optim.Optimizer):
         dtype = NS_DTYPES[group["ns_dtype"]]
         tensors = group["params"]
         device = tensors[0].device if tensors else layout.device
-        # Left out: frozen matrices (the same on every rank), and in one process those without a gradient.
-        active = [not self._frozen(p) and (p.grad is not None or self.distributed) for p in tensors]
-        skip = frozenset(piece.key for p, pieces, a in zip(tensors, layout.local, active) if not a
-                         for piece, _offset in pieces)
-        if not any(active) and not self.distributed:
-            return
-        params, grads, momenta = [], [], []  # None where left out
-        for p, a in zip(tensors, active):
-            if not a:
+        # Left out (None): frozen matrices (the same on every rank), and in one process those without a
+        # gradient. Distributed, a tensor without a gradient still joins the exchange, with zeros.
+        params, grads, momenta, left_out = [], [], [], []
+        for index, p in enumerate(tensors):
+            grad = p.grad
+            if (grad is None and not self.distributed) or self._frozen(p):
                 params.append(None)
                 grads.append(None)
                 momenta.append(None)
+                left_out.append(index)
                 continue
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             params.append(p)
-            # Distributed, a tensor without a gradient still joins the exchange, with zeros.
-            grads.append(torch.zeros_like(p) if p.grad is None else p.grad)
+            grads.append(torch.zeros_like(p) if grad is None else grad)
             momenta.append(state["momentum_buffer"])
+        if len(left_out) == len(tensors) and not self.distributed:
+            return
+        skip = frozenset(piece.key for index in left_out for piece, _offset in layout.local[index])
         route = layout.route(skip, dtype, device, tuple(p.shape for p in tensors))
         shapes = {}
 
