@@ -172,6 +172,7 @@ def rank_main(model: str, ns_dtype: str, repeats: int) -> None:
     if rank == 0:
         worst = {k: max(r[k] for r in everyone) for k in result}
         print("RESULT", json.dumps(worst), flush=True)
+    dist.barrier()  # no rank tears its group down while a peer still uses it
     dist.destroy_process_group()
 
 
@@ -185,8 +186,10 @@ def run_world(model: str, ns_dtype: str, repeats: int, world: int) -> dict[str, 
                                "--repeats", str(repeats)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     outputs = [p.communicate()[0] for p in procs]
-    if any(p.returncode for p in procs):
-        raise RuntimeError(f"{model} at W={world} failed:\n{outputs[0][-3000:]}")
+    failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode]
+    if failed:
+        rank, code = failed[0]
+        raise RuntimeError(f"{model} at W={world}: rank {rank} exited with {code}:\n{outputs[rank][-3000:]}")
     line = next(l for l in outputs[0].splitlines() if l.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
