@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 from muon_ds.compiled_ns import compiled_newton_schulz_
 from muon_ds.newton_schulz import newton_schulz_
 from muon_ds.optim import Muon
-from tests.test_optim import LR, WD, Reference, gradients, model
+from tests.test_optim import LR, WD, model, reference_errors
 
 
 def compiled_graphs() -> int:
@@ -22,20 +22,11 @@ def test_compiled_step_equals_the_float64_reference(ns_dtype: str, tolerance: fl
     transpose, an unnormalized input) would be off by O(1)."""
     net = model()
     muon = Muon(net.named_parameters(), lr=LR, weight_decay=WD, ns_dtype=ns_dtype, ns_compile=True)
-    ref = Reference(dict(net.named_parameters()), {"up.weight", "down.weight"})
-    start = {k: v.detach().double().clone() for k, v in net.named_parameters()}
     before = compiled_graphs()
-    for step in range(3):
-        grads = gradients(step, net)
-        for k, p in net.named_parameters():
-            p.grad = grads[k].float()
-        muon.step()
-        ref.step(grads)
+    errors = reference_errors(net, muon, 3)
     assert compiled_graphs() - before == 2  # up (20, 8) and down (8, 20): each compiled once, then reused
     for k in ("up.weight", "down.weight"):
-        p = dict(net.named_parameters())[k]
-        error = float((p.detach().double() - ref.w[k]).norm() / (ref.w[k] - start[k]).norm())
-        assert error < tolerance, (k, error)
+        assert errors[k] < tolerance, (k, errors[k])
 
 
 def test_more_shapes_than_dynamos_default_limit_are_all_compiled() -> None:
