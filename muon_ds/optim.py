@@ -126,11 +126,15 @@ class Muon(torch.optim.Optimizer):
         return not tensor.requires_grad and tensor.grad is None and tensor in self.param_names
 
     def _grads_finite(self) -> bool:
-        """Every gradient entry finite, agreed across ranks when distributed (else every rank skips).
+        return self.grads_finite([p.grad for group in self.param_groups for p in group["params"]])
+
+    def grads_finite(self, grads: list[Optional[torch.Tensor]]) -> bool:
+        """Every entry of ``grads`` (None: no gradient) finite, agreed across ranks when distributed (else
+        every rank skips).
 
         One fused pass per device, exact (torch's GradScaler check, scaling by 1: the gradients keep their
         values), and one agreement: a skipped step costs no more than one that trains."""
-        grads = [grad for group in self.param_groups for p in group["params"] if (grad := p.grad) is not None]
+        grads = [grad for grad in grads if grad is not None]
         devices = {grad.device for grad in grads}
         per_device = [[g for g in grads if g.device == d] for d in devices] if len(devices) > 1 else [grads]
         found = []

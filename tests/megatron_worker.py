@@ -175,20 +175,20 @@ def build(options: dict[str, Any]) -> tuple[Any, Any, Any]:
     else:
         optimizer = get_megatron_optimizer(opt_config, [ddp])
         for member in (o.optimizer for o in optimizer.chained_optimizers if o.optimizer is not None):
-            _count_finite_checks(member)
+            _count_agreements(member)
     return ddp, optimizer, config
 
 
-def _count_finite_checks(muon: Any) -> None:
-    """Count the finite-gradient checks (and agreements) muon_ds's Muon makes itself."""
-    check = muon._grads_finite
-    muon.finite_checks = 0
+def _count_agreements(muon: Any) -> None:
+    """Count the finite-gradient agreements muon_ds's Muon makes."""
+    agreed = muon._agreed
+    muon.agreements = 0
 
-    def counted() -> bool:
-        muon.finite_checks += 1
-        return check()
+    def counted(finite: torch.Tensor) -> bool:
+        muon.agreements += 1
+        return agreed(finite)
 
-    muon._grads_finite = counted
+    muon._agreed = counted
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,7 +413,7 @@ def run(name: str, options: dict[str, Any], out: Path) -> None:
     if not options["native"]:
         members = [o.optimizer for o in optimizer.chained_optimizers if o.optimizer is not None]
         layouts = [layout for member in members for layout in member.layouts.values()]
-        result.update(own_finite_checks=sum(member.finite_checks for member in members), gathers=sum(len(layout.plan.gathers) for layout in layouts),
+        result.update(agreements=sum(member.agreements for member in members), members=len(members), gathers=sum(len(layout.plan.gathers) for layout in layouts),
                       ns_flops=[sum(layout.plan.flops[r] for layout in layouts) for r in range(layouts[0].plan.world_size)])
     torch.save(result, out / f"{name}.rank{dist.get_rank()}.pt")
 

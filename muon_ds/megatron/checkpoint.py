@@ -33,6 +33,7 @@ from megatron.core.utils import log_single_rank
 
 from muon_ds.exchange import gather_owned, scatter_updates
 from muon_ds.matrices import Block
+from muon_ds.megatron.finite import ChecksFiniteGradients
 from muon_ds.optim import Muon
 from muon_ds.plan import ExchangePlan, Holding, Matrix, Piece, make_plan
 
@@ -103,7 +104,7 @@ def _groups_told_apart() -> Iterator[None]:
         megatron_distrib_optimizer.param_group_identifier_keys = keys
 
 
-class MuonFP32Optimizer(FP32Optimizer):
+class MuonFP32Optimizer(ChecksFiniteGradients, FP32Optimizer):
     """FP32Optimizer around :class:`MegatronMuon`."""
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -111,7 +112,7 @@ class MuonFP32Optimizer(FP32Optimizer):
             super().load_state_dict(state_dict)
 
 
-class MuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
+class MuonFloat16Optimizer(ChecksFiniteGradients, Float16OptimizerWithFloat16Params):
     """bf16/fp16 model params, fp32 main params, around :class:`MegatronMuon`."""
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -119,7 +120,7 @@ class MuonFloat16Optimizer(Float16OptimizerWithFloat16Params):
             super().load_state_dict(state_dict)
 
 
-class MuonDistributedOptimizer(DistributedOptimizer):
+class MuonDistributedOptimizer(ChecksFiniteGradients, DistributedOptimizer):
     """megatron-core's distributed optimizer (ZeRO-1) around :class:`MegatronMuon`.
 
     dist_checkpointing holds the optimizer state in model space: per parameter and state key one

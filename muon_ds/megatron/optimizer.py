@@ -29,6 +29,7 @@ from megatron.core.utils import get_model_config, get_pg_rank, get_pg_size, log_
 
 import muon_ds
 from muon_ds.matrices import MatrixView, assign
+from muon_ds.megatron import finite
 from muon_ds.megatron.arguments import MuonSettings
 from muon_ds.megatron.checkpoint import MegatronMuon, MuonDistributedOptimizer, MuonFloat16Optimizer, MuonFP32Optimizer
 from muon_ds.megatron.version import check_megatron_core, unsupported_settings
@@ -170,8 +171,6 @@ def _build(config: OptimizerConfig, settings: MuonSettings, model_chunks: List[M
     init_state = inner.init_state if inner else None
     if config.fp16 or config.bf16 or config.use_distributed_optimizer:
         scaler = _grad_scaler(config)
-        if inner is not None:  # a loss scaler's finite check skips the step before Muon sees it
-            inner.engine_checks_overflow = scaler is not None
         if config.use_distributed_optimizer:
             instance = get_pg_rank(groups["inter_dist_opt_group"]) if groups.get("inter_dist_opt_group") else 0
             wrapped = MuonDistributedOptimizer(inner, config, scaler, init_state, model_chunks=model_chunks,
@@ -261,6 +260,7 @@ def get_megatron_optimizer(
         if expert and not param_groups:
             continue
         optimizers.append(_build(config, settings, model_chunks, param_groups, buffers, pg, groups, expert))
+    finite.install(optimizers)
     chained = ChainedOptimizer(optimizers)
     muon = sum(len(o.optimizer.views[p]) for o in optimizers if o.optimizer is not None
                for p in o.optimizer.views)
