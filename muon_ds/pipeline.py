@@ -4,9 +4,9 @@ momentum (foreach) -> Nesterov written straight into NS-dtype buffers (send buff
 gather of cut matrices, in flight while the batches that need nothing from peers are orthogonalized and
 applied -> the received batches -> scatter of results, started as soon as the batches whose results other
 ranks hold are done (those come first), in flight while the rest are orthogonalized -> apply the
-received results. Single process,
-replicated and partitioned layouts differ only in their routes. Weight decay is one foreach over the
-group's tensors, the update one foreach per batch.
+received results. Single process, replicated and partitioned layouts differ only in their routes. Weight
+decay is one foreach over the group's tensors, the update one foreach per batch; one batch's buffers exist
+at a time.
 """
 
 from __future__ import annotations

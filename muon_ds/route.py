@@ -63,7 +63,8 @@ class Moves:
 
 @dataclass
 class Batch:
-    """Owned matrices of one shape (all, or a share: :data:`BATCH_FRACTION`), orthogonalized together, and where their elements come from and go.
+    """Owned matrices of one shape (all, or a share: :data:`BATCH_FRACTION`), orthogonalized together, and
+    where their elements come from and go.
 
     ``waits``: some piece arrives from a peer. ``local``: this rank's pieces (they fill the buffer and
     receive the result); ``receive``: from the gather's receive buffer; ``give``: into the scatter's
