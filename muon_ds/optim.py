@@ -135,24 +135,21 @@ class Muon(torch.optim.Optimizer):
         One fused pass per device, exact (torch's GradScaler check, scaling by 1: the gradients keep their
         values), and one agreement: a skipped step costs no more than one that trains."""
         grads = [grad for grad in grads if grad is not None]
-        devices = {grad.device for grad in grads}
-        per_device = [[g for g in grads if g.device == d] for d in devices] if len(devices) > 1 else [grads]
-        found = []
-        for tensors in per_device:
-            if tensors:
-                flag = torch.zeros(1, device=tensors[0].device)
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, flag, torch.ones(1, device=flag.device))
-                found.append(flag if len(per_device) == 1 else flag.cpu())
-        return self._agreed(sum(found) == 0 if found else torch.tensor(True))
+        flags = []  # one per device, the first gradient's first (the agreement runs there)
+        for device in dict.fromkeys(grad.device for grad in grads):
+            flags.append(torch.zeros(1, device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_([g for g in grads if g.device == device], flags[-1],
+                                                             torch.ones(1, device=device))
+        if not flags:  # a rank holding no gradient agrees on its layouts' device (NCCL needs GPU tensors)
+            flags.append(torch.zeros(1, device=next((layout.device for layout in self.layouts.values()
+                                                     if layout.device is not None), "cpu")))
+        return self._agreed(sum(flag.to(flags[0].device) for flag in flags) == 0)
 
     def _agreed(self, finite: torch.Tensor) -> bool:
-        """``finite`` on every rank when distributed (one all_reduce), as a bool (one host sync)."""
+        """``finite`` on every rank when distributed (one all_reduce, on ``finite``'s device), as a bool (one
+        host sync)."""
         if self.distributed and dist.is_initialized():
-            # On the gradients' device (or the layout's, for a rank holding none): NCCL needs GPU tensors.
-            grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
-            device = grad.device if grad is not None else next(
-                (layout.device for layout in self.layouts.values() if layout.device is not None), finite.device)
-            flag = finite.to(device, torch.float32)
+            flag = finite.float()
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.sync_group)
             finite = flag > 0
         return bool(finite)
