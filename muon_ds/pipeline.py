@@ -12,7 +12,7 @@ at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -177,6 +177,17 @@ class _Flat:
         return self.flat[index]
 
 
+def _spans(batch: torch.Tensor, moves: Moves) -> Iterator[tuple[torch.Tensor, int, int, int]]:
+    """The batch's runs and sub-block pieces, each as (view of ``batch``, tensor, [start, stop) of that
+    tensor's flat storage): what every stage that moves elements between a batch and flat storage walks."""
+    elements = batch.view(-1)
+    for tensor, offset, at, numel in moves.runs:
+        yield elements[at:at + numel], tensor, offset, offset + numel
+    for i, piece, tensor, offset in moves.blocks:
+        for view, lo, hi in piece_views(batch[i], piece):
+            yield view, tensor, offset + lo, offset + hi
+
+
 def _fill(buffer: torch.Tensor, moves: Moves, grads: list[torch.Tensor], momenta: list[torch.Tensor],
           g_flat: _Flat, m_flat: _Flat, hyper: Hyper) -> None:
     """The batch's local pieces: Nesterov directions written into the NS-dtype ``buffer``."""
@@ -184,41 +195,27 @@ def _fill(buffer: torch.Tensor, moves: Moves, grads: list[torch.Tensor], momenta
     if moves.whole:
         matrices = buffer.unbind(0)
         per = max(1, segment // matrices[0].numel())  # matrices whose float32 directions exist at once
-        for start in range(0, len(moves.whole), per):
-            chunk = moves.whole[start:start + per]
+        for first in range(0, len(moves.whole), per):
+            chunk = moves.whole[first:first + per]
             targets = [matrices[i] for i, _t in chunk]
             momentum = [momenta[t] for _i, t in chunk]
             directions = (torch._foreach_add([grads[t] for _i, t in chunk], momentum, alpha=hyper.momentum)
                           if hyper.nesterov else momentum)
             torch._foreach_copy_(targets, directions)  # rounded once to the NS dtype
-    elements = buffer.view(-1)
-    for tensor, offset, at, numel in moves.runs:
-        direction_into(elements[at:at + numel], g_flat[tensor][offset:offset + numel],
-                       m_flat[tensor][offset:offset + numel], hyper, segment)
-    for i, piece, tensor, offset in moves.blocks:
-        for view, lo, hi in piece_views(buffer[i], piece):
-            direction_into(view, g_flat[tensor][offset + lo:offset + hi], m_flat[tensor][offset + lo:offset + hi],
-                           hyper, segment)
+    for view, tensor, start, stop in _spans(buffer, moves):
+        direction_into(view, g_flat[tensor][start:stop], m_flat[tensor][start:stop], hyper, segment)
 
 
 def _receive(buffer: torch.Tensor, moves: Moves, received: torch.Tensor) -> None:
     """Pieces from the gather's receive buffer into the (N, A, B) ``buffer``."""
-    elements = buffer.view(-1)
-    for _tensor, offset, at, numel in moves.runs:
-        elements[at:at + numel].copy_(received[offset:offset + numel])
-    for i, piece, _tensor, offset in moves.blocks:
-        for view, lo, hi in piece_views(buffer[i], piece):
-            view.copy_(received[offset + lo:offset + hi].view(view.shape))
+    for view, _tensor, start, stop in _spans(buffer, moves):
+        view.copy_(received[start:stop].view(view.shape))
 
 
 def _give(result: torch.Tensor, moves: Moves, give: torch.Tensor) -> None:
     """Pieces of the (N, A, B) ``result`` other ranks hold, into the scatter's send buffer."""
-    elements = result.view(-1)
-    for _tensor, offset, at, numel in moves.runs:
-        give[offset:offset + numel].copy_(elements[at:at + numel])
-    for i, piece, _tensor, offset in moves.blocks:
-        for view, lo, hi in piece_views(result[i], piece):
-            give[offset + lo:offset + hi].view(view.shape).copy_(view)
+    for view, _tensor, start, stop in _spans(result, moves):
+        give[start:stop].view(view.shape).copy_(view)
 
 
 def _apply(result: torch.Tensor, moves: Moves, params: list[torch.Tensor], flat: _Flat, alpha: float) -> None:
@@ -227,12 +224,6 @@ def _apply(result: torch.Tensor, moves: Moves, params: list[torch.Tensor], flat:
     if moves.whole:
         matrices = result.unbind(0)
         torch._foreach_add_([params[t] for _i, t in moves.whole], [matrices[i] for i, _t in moves.whole], alpha=alpha)
-    targets, updates, elements = [], [], result.view(-1)
-    for tensor, offset, at, numel in moves.runs:
-        targets.append(flat[tensor][offset:offset + numel])
-        updates.append(elements[at:at + numel])
-    for i, piece, tensor, offset in moves.blocks:
-        for view, lo, hi in piece_views(result[i], piece):
-            targets.append(flat[tensor][offset + lo:offset + hi].view(view.shape))
-            updates.append(view)
-    add_(targets, updates, alpha, segment_for(result))
+    spans = list(_spans(result, moves))
+    add_([flat[tensor][start:stop].view(view.shape) for view, tensor, start, stop in spans],
+         [view for view, _tensor, _start, _stop in spans], alpha, segment_for(result))
